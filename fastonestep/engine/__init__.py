@@ -1,0 +1,1 @@
+"""Training engine: loop, checkpoints, EMA, stats, export, evaluation."""

@@ -1,0 +1,58 @@
+"""Exported models: one safetensors file holding the (EMA) weights and, in its metadata, everything needed
+to rebuild the network (kind, architecture, data shape, classes, sigma_data, generator noise levels).
+
+An exported file is self-contained: a distillation run can be moved away from its teacher and still load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+from safetensors.torch import load_file, save_file, safe_open
+
+from fastonestep.engine.checkpoint import CheckpointError, atomic_path
+from fastonestep.networks.build import build_denoiser
+
+UNET_KEYS = ("channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
+MLP_KEYS = ("hidden", "depth", "emb_dim")
+
+
+def network_spec(net_cfg) -> dict:
+    """The architecture-defining subset of a NetworkConfig, as {"kind", "arch"}."""
+    d = dataclasses.asdict(net_cfg) if dataclasses.is_dataclass(net_cfg) else dict(net_cfg)
+    keys = UNET_KEYS if d["kind"] == "unet" else MLP_KEYS
+    return {"kind": d["kind"], "arch": {k: d[k] for k in keys}}
+
+
+def export_model(path: str, net: torch.nn.Module, info: dict) -> None:
+    """`info` holds at least: network (network_spec), data_shape, num_classes, sigma_data."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"fastonestep": json.dumps(info)})
+
+
+def read_info(path: str) -> dict:
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except FileNotFoundError:
+        raise CheckpointError(f"model file '{path}' does not exist") from None
+    except Exception as e:
+        raise CheckpointError(f"model file '{path}' cannot be read: {e}") from None
+    if "fastonestep" not in meta:
+        raise CheckpointError(f"model file '{path}' was not written by fastonestep (no 'fastonestep' metadata)")
+    return json.loads(meta["fastonestep"])
+
+
+def load_model(path: str, device="cpu"):
+    """Returns (EDMPrecond denoiser/generator in eval mode, info)."""
+    info = read_info(path)
+    spec = info["network"]
+    net = build_denoiser(spec["kind"], tuple(info["data_shape"]), info["num_classes"], info["sigma_data"],
+                         **spec["arch"])
+    try:
+        net.load_state_dict(load_file(path))
+    except RuntimeError as e:
+        raise CheckpointError(f"model file '{path}' does not match its own architecture: {e}") from None
+    return net.to(device).eval(), info

@@ -1,0 +1,70 @@
+"""Training statistics: running means between log lines, throughput and peak memory, stats.jsonl."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss_kb / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class StatsLogger:
+    """Accumulates per-step scalars and appends one JSON line per log interval to stats.jsonl."""
+
+    def __init__(self, run_dir: str, device: torch.device):
+        self.path = os.path.join(run_dir, "stats.jsonl")
+        self.device = device
+        self._reset()
+
+    def _reset(self):
+        self.sums, self.counts = defaultdict(float), defaultdict(int)
+        self.images, self.t0 = 0, time.perf_counter()
+
+    def add(self, stats: dict, images: int) -> None:
+        for k, v in stats.items():
+            v = float(v)
+            if math.isfinite(v):
+                self.sums[k] += v
+                self.counts[k] += 1
+            else:
+                self.sums["nonfinite_" + k] += 1
+                self.counts["nonfinite_" + k] = 1
+        self.images += images
+
+    def flush(self, step: int, nimg: int) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        row = {"step": step, "kimg": nimg / 1000}
+        row.update({k: self.sums[k] / self.counts[k] for k in sorted(self.sums)})
+        row["images_per_sec"] = self.images / dt
+        row["sec_per_kimg"] = dt / max(self.images / 1000, 1e-9)
+        row["peak_memory_mb"] = peak_memory_mb(self.device)
+        row["time"] = time.time()
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        self._reset()
+        return row
+
+
+def truncate_stats(run_dir: str, step: int) -> None:
+    """On resume, drops log lines written after the checkpoint, so stats.jsonl matches the resumed run."""
+    path = os.path.join(run_dir, "stats.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        from fastonestep.engine.checkpoint import atomic_write_text
+
+        atomic_write_text(path, "".join(kept))
