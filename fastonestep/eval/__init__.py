@@ -1,0 +1,11 @@
+"""Evaluation: Frechet distance with pluggable features, MNIST FD (a small local classifier's features; not
+FID), and exact-distribution metrics for 2-D toys."""
+from .frechet import feature_stats, frechet_distance, load_stats, save_stats
+from .mnist_features import class_coverage, get_mnist_classifier, mnist_fd, mnist_features
+from .toy_metrics import energy_distance, log_likelihood, mmd_rbf, mode_stats, toy_metrics
+
+__all__ = [
+    "class_coverage", "energy_distance", "feature_stats", "frechet_distance", "get_mnist_classifier",
+    "load_stats", "log_likelihood", "mmd_rbf", "mnist_fd", "mnist_features", "mode_stats", "save_stats",
+    "toy_metrics",
+]

@@ -1,0 +1,48 @@
+import os
+
+# Triton kernels run in the interpreter on CPU CI; this must be set before any @triton.jit is executed.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """A per-session cache for the MNIST feature classifier, so tests never touch ~/.cache."""
+    path = tmp_path_factory.mktemp("fastonestep-cache")
+    os.environ["FASTONESTEP_CACHE"] = str(path)
+    return path
+
+
+# Tiny tensors dominate the suite: one intra-op thread is faster and keeps runs deterministic.
+torch.set_num_threads(1)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+TOY_TEACHER = [
+    "data.size=4096", "network.hidden=64", "network.depth=2", "network.emb_dim=32", "train.batch_size=256",
+    "train.log_every=10", "train.checkpoint_every=1000", "eval.num_samples=1000", "eval.batch_size=1000",
+    "diffusion.sample_steps=16", "train.ema_halflife_kimg=5",
+]
+TOY_STUDENT = TOY_TEACHER + ["diffratio.ratio_net.hidden=64", "diffratio.ratio_net.depth=2", "eval.teacher_fd=false"]
+
+
+@pytest.fixture(scope="session")
+def toy_teacher(tmp_path_factory):
+    """A small EDM teacher on the 25-Gaussian grid, trained once per session."""
+    from fastonestep.config import load_config
+    from fastonestep.engine.loop import train
+
+    run = tmp_path_factory.mktemp("toy-teacher")
+    train(load_config(str(CONFIGS / "toy2d" / "edm.yaml"), TOY_TEACHER + ["train.steps=400"]), str(run), progress=False,
+          log=lambda *_: None)
+    return run
