@@ -1,7 +1,7 @@
-"""The `fastonestep` command: train | sample | eval | experiment | demo.
+"""The `fastonestep` command: train | sample | eval | experiment | bench | demo.
 
 Errors a user can fix (a bad config key or value, a missing or malformed file) print one line naming the
-problem and exit with status 2; no traceback.
+problem and exit with status 2; no traceback (set FASTONESTEP_DEBUG=1 to see one).
 """
 from __future__ import annotations
 
@@ -117,6 +117,14 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    if args.what != "kernels":
+        raise ValueError(f"unknown benchmark '{args.what}'; available: kernels")
+    from fastonestep.benchmark.kernels import main as bench_kernels
+
+    return bench_kernels(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastonestep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -150,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int)
     x.set_defaults(fn=_cmd_experiment)
 
+    b = sub.add_parser("bench", help="benchmarks: `bench kernels [--quick] [--plot PNG] ...`")
+    b.add_argument("what", help="kernels")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see `bench kernels --help`)")
+    b.set_defaults(fn=_cmd_bench)
+
     d = sub.add_parser("demo", help="MNIST teacher + DiffRatio one-step generator on the CPU")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("overrides", nargs="*", help="overrides for the teacher preset")
@@ -170,6 +183,8 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("FASTONESTEP_DEBUG"):
+            raise
         print(f"fastonestep: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

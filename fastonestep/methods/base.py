@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fastonestep.config import Config, OptimConfig
+from fastonestep.diffusion.schedules import sample_lognormal_sigma
 
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -31,7 +32,7 @@ def optimizer_step(opt: torch.optim.Optimizer, net: nn.Module, cfg: OptimConfig,
 
 def sample_sigma(n: int, p_mean: float, p_std: float, lo: float, hi: float, rng: torch.Generator, device):
     """ln(sigma) ~ N(p_mean, p_std^2), clipped to [lo, hi]."""
-    return torch.exp(p_mean + p_std * torch.randn(n, generator=rng, device=device)).clamp(lo, hi)
+    return sample_lognormal_sigma(n, p_mean, p_std, generator=rng, device=device).clamp(lo, hi)
 
 
 class Method:
@@ -46,6 +47,9 @@ class Method:
         if self.conditional and not dataset.num_classes:
             raise ValueError("config key 'data.class_conditional' is true but the dataset has no labels")
         self.num_classes = dataset.num_classes if self.conditional else 0
+        # train.kernels: "fused" lets fastonestep.losses pick the fastest implementation for the device;
+        # "eager" pins the PyTorch reference (the ground truth the fused kernels are tested against).
+        self.impl = "auto" if cfg.train.kernels == "fused" else "torch"
 
     # -- engine interface ---------------------------------------------------------------------------------
     def step(self, next_batch: Callable, step: int, nimg: int) -> dict:

@@ -89,11 +89,11 @@ class DiffRatio(Method):
             x_gen = self.generate(self.generator, n, labels_gen)
         x = torch.cat([x_gen, x_real])
         sigma = torch.cat([self._sigma(n, "ratio"), self._sigma(n, "ratio")])
-        x_t = losses.add_noise(x, 1.0, sigma, noise=self.noise_like(x))
+        x_t = losses.add_noise(x, 1.0, sigma, noise=self.noise_like(x), impl=self.impl)
         labels = None if labels_gen is None else torch.cat([labels_gen, labels_real])
         logits = self.ratio(x_t, sigma, labels)
         l_gen, l_real = logits[:n], logits[n:]
-        loss = losses.ratio_classifier_loss(l_gen, l_real)
+        loss = losses.ratio_classifier_loss(l_gen, l_real, impl=self.impl)
         loss.backward()
         grad_norm = optimizer_step(self.opt_r, self.ratio, self.cfg.diffratio.ratio_optim, step)
         acc = 0.5 * ((l_gen > 0).float().mean() + (l_real < 0).float().mean())
@@ -105,7 +105,7 @@ class DiffRatio(Method):
         dr = self.cfg.diffratio
         sigma = self._sigma(x.shape[0], "gen")
         weight = sigma.square() if dr.weighting == "sigma2" else None
-        x_t = losses.add_noise(x, 1.0, sigma, noise=self.noise_like(x))
+        x_t = losses.add_noise(x, 1.0, sigma, noise=self.noise_like(x), impl=self.impl)
         if dr.realisation == "logit":
             # 4.1(a): sum_i sg(w_i h_i) l_i, backpropagated through c into G.
             logits = self.ratio(x_t, sigma, labels)
@@ -121,7 +121,7 @@ class DiffRatio(Method):
             (logit_grad,) = torch.autograd.grad(logits.sum(), x_t)
         bad = (~torch.isfinite(logit_grad.flatten(1)).all(1)).sum().item()
         loss = losses.ratio_generator_loss(x, logit_grad, logits.detach(), weight, dr.divergence,
-                                           normalize=dr.normalize, clamp=dr.logit_clamp)
+                                           normalize=dr.normalize, clamp=dr.logit_clamp, impl=self.impl)
         return loss, {"gen/logit": logits.mean().item(), "gen/nonfinite_samples": bad,
                       "gen/grad_magnitude": logit_grad.abs().mean().item()}
 

@@ -5,10 +5,9 @@ ln sigma ~ N(P_mean, P_std^2). Evaluation samples with Heun/Euler on the Karras 
 """
 from __future__ import annotations
 
-import torch
-
 from fastonestep import losses
 from fastonestep.diffusion.samplers import edm_sample
+from fastonestep.diffusion.schedules import sample_lognormal_sigma
 from fastonestep.engine.ema import EMA
 from fastonestep.methods.base import Method, make_optimizer, optimizer_step
 from fastonestep.networks.build import build_denoiser, count_parameters
@@ -30,10 +29,10 @@ class EDMPretrain(Method):
         d = self.cfg.diffusion
         x0, labels = next_batch()
         labels = labels if self.conditional else None
-        sigma = torch.exp(d.p_mean + d.p_std * torch.randn(x0.shape[0], generator=self.rng, device=self.device))
-        x_t = losses.add_noise(x0, 1.0, sigma, noise=self.noise_like(x0))
+        sigma = sample_lognormal_sigma(x0.shape[0], d.p_mean, d.p_std, generator=self.rng, device=self.device)
+        x_t = losses.add_noise(x0, 1.0, sigma, noise=self.noise_like(x0), impl=self.impl)
         F, _, _ = self.net.raw(x_t, sigma, labels)
-        loss = losses.denoising_loss(F, x_t, x0, sigma, d.sigma_data).mean()
+        loss = losses.denoising_loss(F, x_t, x0, sigma, d.sigma_data, impl=self.impl).mean()
         loss.backward()
         grad_norm = optimizer_step(self.opt, self.net, self.cfg.optim, step)
         self.ema.update(self.net, nimg + x0.shape[0], x0.shape[0])
