@@ -71,6 +71,8 @@ def _cmd_eval(args) -> int:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"'{args.run}' is not a run directory (no config.yaml)")
     overrides = [f"eval.num_samples={args.num}"] if args.num else []
+    overrides += [f"eval.inception={args.inception}"] if args.inception else []
+    overrides += [f"eval.fid_ref={args.fid_ref}"] if args.fid_ref else []
     cfg = load_config(cfg_path, overrides)
     ckpt = latest_checkpoint(args.run)
     if ckpt is None:
@@ -148,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="recompute metrics.json of a run directory")
     e.add_argument("run")
     e.add_argument("--num", type=int, default=0, help="number of samples (default: the run's eval.num_samples)")
+    e.add_argument("--inception", help="local FID Inception weights file: adds the standard FID")
+    e.add_argument("--fid-ref", help="reference statistics .npz (mu, sigma) for FID (default: training images)")
     e.set_defaults(fn=_cmd_eval)
 
     x = sub.add_parser("experiment", help="paper experiments, e.g. score-difference")

@@ -115,6 +115,8 @@ class EvalConfig:
     batch_size: int = 500
     teacher_fd: bool = True  # also measure the teacher's multi-step sampler (distillation runs)
     grid: int = 8  # samples.png is grid x grid
+    inception: str = ""  # a local FID Inception weights file (pt_inception-2015-12-05 format): adds "fid"
+    fid_ref: str = ""  # FID reference statistics .npz (mu, sigma); empty: the training images
 
 
 @dataclass
@@ -279,6 +281,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"method '{cfg.method}' distils a teacher: set config key 'teacher' to a teacher run directory")
     if cfg.data.kind == "folder" and not cfg.data.path:
         raise ConfigError("config key 'data.path' must name an image folder or .npz file when data.kind=folder")
+    for key, path in (("eval.inception", cfg.eval.inception), ("eval.fid_ref", cfg.eval.fid_ref)):
+        if path and not os.path.isfile(path):  # checked now, not after hours of training
+            raise ConfigError(f"config key '{key}': file '{path}' does not exist")
     if cfg.diffratio.sigma_min >= cfg.diffratio.sigma_max:
         raise ConfigError("config keys 'diffratio.sigma_min' < 'diffratio.sigma_max' required")
     return cfg

@@ -22,6 +22,7 @@ def test_preset_inheritance_and_overrides():
     (["teacher="], "set config key 'teacher'"),
     (["trainsteps"], "must look like key=value"),
     (["train=3"], "config section 'train' must be a mapping"),
+    (["eval.inception=/no/such/pt_inception.pth"], "config key 'eval.inception': file '/no/such/pt_inception.pth'"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

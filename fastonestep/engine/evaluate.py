@@ -2,7 +2,8 @@
 
 Toys: energy distance, MMD, mode coverage / high-quality fraction and log-likelihood under the true density.
 MNIST: "MNIST FD" (Frechet distance in the features of the project's own small MNIST classifier; not FID)
-and class coverage. Other image data: sample grids only until a feature network is supplied.
+and class coverage. Any image data: the standard Inception FID when eval.inception names a local weights
+file (against eval.fid_ref statistics, or the training images).
 """
 from __future__ import annotations
 
@@ -38,17 +39,23 @@ def generate(sampler, n: int, shape, num_classes: int, device, batch_size: int, 
     return torch.cat(chunks)
 
 
-def sample_metrics(samples: torch.Tensor, dataset) -> dict:
+def sample_metrics(samples: torch.Tensor, dataset, eval_cfg=None) -> dict:
     if dataset.distribution is not None:
         from fastonestep.eval.toy_metrics import toy_metrics
 
         return toy_metrics(samples, dataset.distribution)
+    metrics = {}
     if dataset.name == "mnist":
         from fastonestep.eval.mnist_features import class_coverage, get_mnist_classifier, mnist_fd
 
         model = get_mnist_classifier()
-        return {"mnist_fd": float(mnist_fd(samples, dataset.data, model=model)), **class_coverage(model, samples)}
-    return {}
+        metrics.update(mnist_fd=float(mnist_fd(samples, dataset.data, model=model)), **class_coverage(model, samples))
+    if eval_cfg is not None and eval_cfg.inception:
+        from fastonestep.eval.inception import fid_from_images
+
+        ref = eval_cfg.fid_ref or dataset.data
+        metrics["fid"] = float(fid_from_images(samples, ref, eval_cfg.inception))
+    return metrics
 
 
 def write_samples_png(samples: torch.Tensor, dataset, path: str, grid: int) -> None:
@@ -71,7 +78,7 @@ def evaluate(method, dataset, cfg, run_dir: str, progress=print) -> dict:
             write_samples_png(samples, dataset, os.path.join(run_dir, "samples.png"), cfg.eval.grid)
         else:
             write_samples_png(samples, dataset, os.path.join(run_dir, f"samples_{name}.png"), cfg.eval.grid)
-        metrics[name] = {**sample_metrics(samples, dataset), "num_samples": cfg.eval.num_samples,
+        metrics[name] = {**sample_metrics(samples, dataset, cfg.eval), "num_samples": cfg.eval.num_samples,
                          "generation_seconds": gen_time}
         progress(f"eval {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics[name].items()
                                                 if isinstance(v, (int, float))))

@@ -9,3 +9,8 @@ __all__ = [
     "load_stats", "log_likelihood", "mmd_rbf", "mnist_fd", "mnist_features", "mode_stats", "save_stats",
     "toy_metrics",
 ]
+
+# Standard FID (InceptionV3, TF-FID port) from a local weights file.
+from .inception import fid_from_images, inception_features, inception_stats, load_inception  # noqa: E402
+
+__all__ += ["fid_from_images", "inception_features", "inception_stats", "load_inception"]
