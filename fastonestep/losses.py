@@ -1,65 +1,196 @@
 """Public functional API of the fused losses (design.md section 5).
 
 Each function takes `impl="auto" | "triton" | "ext" | "torch"`; FASTONESTEP_IMPL in the environment forces
-one. Today only the eager reference ("torch") exists: the fused Triton and csrc paths are tracked work, and
-asking for them explicitly raises a clear error instead of silently running something else. "auto" picks
-the fastest available implementation for the tensor's device, i.e. "torch" for now.
+one (it overrides the argument).
 
-All functions accumulate in fp32 whatever the input dtype. Trainers call these; they never reimplement them.
+- "torch": the eager references in fastonestep.kernels.reference (the ground truth).
+- "triton": the fused Triton kernels (fastonestep.kernels.triton_losses / triton_noise). Available when Triton
+  imports and the tensors are on CUDA, or when TRITON_INTERPRET=1 was set before the kernels were imported
+  (the interpreter runs them on any device; it exists for tests, it is slow).
+- "ext": the csrc custom op (C++ on CPU, CUDA on GPU) from fastonestep.kernels.ext, available when it imports
+  and its `available()` says so.
+- "auto": on CUDA tensors the compiled Triton kernels, else ext, else torch. On CPU tensors always torch: the
+  Triton interpreter is a test tool, not a fast path, and the C++ op is opt-in (impl="ext") because its first
+  use compiles it (tens of seconds).
+
+An implementation asked for explicitly (argument or FASTONESTEP_IMPL) that is not available falls back to
+"torch" with a warning naming it and the reason, once per implementation and process. Unknown names raise
+ValueError.
+
+All functions accumulate in fp32 whatever the input dtype. Fused implementations return the same values up to
+fp32 rounding, with one documented exception: the noise add_noise draws for a given `seed` depends on the
+implementation (torch.Generator for torch/ext, in-kernel Philox for triton); a seed reproduces noise within
+one implementation. Trainers call these; they never reimplement them.
 """
 from __future__ import annotations
 
 import os
+import warnings
+
+import torch
 
 from fastonestep.kernels import reference as _ref
 from fastonestep.kernels.reference import DIVERGENCES, divergence_weight  # noqa: F401  (public helpers)
 
 IMPLS = ("auto", "triton", "ext", "torch")
-_AVAILABLE = ("torch",)
+
+_WARNED: set = set()  # implementations whose fallback warning was already shown
+_BACKENDS: dict = {}  # "triton" / "ext" -> (module or None, reason it is unavailable)
 
 
-def resolve_impl(impl: str = "auto") -> str:
+def _triton_backend():
+    """(namespace with the Triton modules, "") or (None, why not). Import errors are cached."""
+    if "triton" not in _BACKENDS:
+        try:
+            from fastonestep.kernels import triton_losses, triton_noise
+        except Exception as exc:  # ImportError, or a Triton install that fails while importing
+            _BACKENDS["triton"] = (None, f"the Triton kernels cannot be imported ({type(exc).__name__}: {exc})")
+        else:
+            _BACKENDS["triton"] = ((triton_losses, triton_noise), "")
+    return _BACKENDS["triton"]
+
+
+def _ext_backend():
+    """(fastonestep.kernels.ext, "") or (None, why not). Imported lazily; the answer is cached per process."""
+    if "ext" not in _BACKENDS:
+        try:
+            from fastonestep.kernels import ext
+        except ImportError as exc:
+            _BACKENDS["ext"] = (None, f"fastonestep.kernels.ext cannot be imported ({exc})")
+        else:
+            try:
+                ok, reason = ext.available()
+            except Exception as exc:  # a failed build reports itself here
+                ok, reason = False, f"ext.available() raised {type(exc).__name__}: {exc}"
+            _BACKENDS["ext"] = (ext, "") if ok else (None, f"the csrc extension is not available ({reason})")
+    return _BACKENDS["ext"]
+
+
+def _triton_interpreted() -> bool:
+    mods, _ = _triton_backend()
+    return mods is not None and mods[0].INTERPRETED
+
+
+def impl_available(impl: str, device=None) -> tuple[bool, str]:
+    """Whether `impl` can run on tensors on `device` (default CPU), and if not, why."""
+    device = torch.device("cpu" if device is None else device)
+    if impl == "torch":
+        return True, ""
+    if impl == "triton":
+        mods, reason = _triton_backend()
+        if mods is None:
+            return False, reason
+        if device.type != "cuda" and not mods[0].INTERPRETED:
+            return False, (f"tensors are on {device.type}; the Triton kernels run on CUDA (set TRITON_INTERPRET=1 "
+                           "before importing fastonestep to run them through the interpreter, a test tool)")
+        return True, ""
+    if impl == "ext":
+        mod, reason = _ext_backend()
+        if mod is None:
+            return False, reason
+        if device.type == "cuda" and hasattr(mod, "has_cuda_kernels") and not mod.has_cuda_kernels():
+            return False, "the csrc extension was built without its CUDA kernels"
+        return True, ""
+    raise ValueError(f"impl={impl!r} is not one of {', '.join(IMPLS)}")
+
+
+def _warn_once(impl: str, reason: str) -> None:
+    if impl in _WARNED:
+        return
+    _WARNED.add(impl)
+    warnings.warn(f"fastonestep.losses: impl={impl!r} is not available: {reason}. Falling back to impl='torch' "
+                  "(this warning is shown once per implementation).", RuntimeWarning, stacklevel=3)
+
+
+def resolve_impl(impl: str = "auto", device=None) -> str:
+    """The implementation that runs for `impl` (or FASTONESTEP_IMPL) on tensors on `device` (default CPU)."""
     forced = os.environ.get("FASTONESTEP_IMPL")
     choice = forced or impl
     if choice not in IMPLS:
         source = "FASTONESTEP_IMPL" if forced else "impl"
         raise ValueError(f"{source}={choice!r} is not one of {', '.join(IMPLS)}")
-    if choice == "auto":
+    device = torch.device("cpu" if device is None else device)
+    if choice == "torch":
         return "torch"
-    if choice not in _AVAILABLE:
-        raise NotImplementedError(f"impl={choice!r}: the fused {choice} kernels are not built in this version; "
-                                  "use impl='torch' or 'auto'")
+    if choice == "auto":
+        if device.type != "cuda":
+            return "torch"
+        if impl_available("triton", device)[0] and not _triton_interpreted():
+            return "triton"
+        if impl_available("ext", device)[0]:
+            return "ext"
+        return "torch"
+    ok, reason = impl_available(choice, device)
+    if not ok:
+        _warn_once(choice, reason)
+        return "torch"
     return choice
 
 
-def add_noise(x0, alpha, sigma, noise=None, seed=None, impl="auto"):
+def _backend(impl: str, device):
+    """(name, module) of the implementation to call; modules share the reference's function names."""
+    name = resolve_impl(impl, device)
+    if name == "triton":
+        return name, _triton_backend()[0]
+    if name == "ext":
+        return name, _ext_backend()[0]
+    return name, _ref
+
+
+def add_noise(x0, alpha, sigma, noise=None, seed=None, impl="auto", *, latent_std=None, latent_noise=None,
+              latent_scale=None, latent_bias=None, return_x0=False):
     """x_t = alpha_i * x0 + sigma_i * eps with per-sample alpha, sigma. With `seed` and no `noise`, eps is
-    drawn from a generator seeded by `seed` (reproducible without storing it)."""
-    resolve_impl(impl)
-    return _ref.add_noise(x0, alpha, sigma, noise, seed)
+    drawn from a generator seeded by `seed` (reproducible without storing it; the triton path draws it inside
+    the kernel and `fastonestep.kernels.triton_noise.regenerate_noise(shape, seed)` reproduces it). With
+    neither, a seed is drawn from torch's default generator (fresh noise, reproducible under torch.manual_seed).
+
+    Optional latent sampling before noising (design.md section 5): with `latent_std`, x0 is a posterior mean and
+    the clean sample is (x0 + latent_std * z) * latent_scale_c + latent_bias_c (c = dimension 1), z =
+    `latent_noise` or a second stream of the same seed; latent_scale / latent_bias alone apply only the
+    per-channel affine map. `return_x0=True` returns (x_t, clean sample)."""
+    name, mod = _backend(impl, x0.device)
+    if noise is None and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    latent = latent_std is not None or latent_scale is not None or latent_bias is not None
+    if latent_noise is not None and latent_std is None:
+        raise ValueError("latent_noise needs latent_std (the latent sampling path)")
+    if name == "triton":
+        return mod[1].add_noise(x0, alpha, sigma, noise, seed, latent_std=latent_std, latent_noise=latent_noise,
+                                latent_scale=latent_scale, latent_bias=latent_bias, return_x0=return_x0)
+    clean = _ref.latent_sample(x0, latent_std, latent_noise, latent_scale, latent_bias, seed) if latent else x0
+    x_t = mod.add_noise(clean, alpha, sigma, noise, seed)
+    return (x_t, clean) if return_x0 else x_t
 
 
 def denoising_loss(F, x_t, x0, sigma, sigma_data, impl="auto"):
     """Per-sample EDM loss: lambda(sigma_i) * mean_elements (c_skip x_t + c_out F - x0)^2."""
-    resolve_impl(impl)
-    return _ref.denoising_loss(F, x_t, x0, sigma, sigma_data)
+    name, mod = _backend(impl, F.device)
+    if name == "triton":
+        return mod[0].denoising_loss(F, x_t, x0, sigma, sigma_data)
+    return mod.denoising_loss(F, x_t, x0, sigma, sigma_data)
 
 
 def dmd_loss(x, x_real_hat, x_fake_hat, impl="auto"):
     """Scalar 0.5*mean((x - sg(x - g))^2), g = (p_real - p_fake) / mean|p_real| per sample (design 4.2)."""
-    resolve_impl(impl)
-    return _ref.dmd_loss(x, x_real_hat, x_fake_hat)
+    name, mod = _backend(impl, x.device)
+    if name == "triton":
+        return mod[0].dmd_loss(x, x_real_hat, x_fake_hat)
+    return mod.dmd_loss(x, x_real_hat, x_fake_hat)
 
 
 def ratio_generator_loss(x, logit_grad, logits, weight=None, divergence="rkl", normalize=True, clamp=10.0,
                          impl="auto"):
     """Scalar surrogate whose gradient w.r.t. the generator output x is g / numel(x), with
     g_i = weight_i * h(exp(-logit_i)) * logit_grad_i / (mean|logit_grad_i| + eps) (design 4.1(b))."""
-    resolve_impl(impl)
-    return _ref.ratio_generator_loss(x, logit_grad, logits, weight, divergence, normalize, clamp)
+    name, mod = _backend(impl, x.device)
+    if name == "triton":
+        return mod[0].ratio_generator_loss(x, logit_grad, logits, weight, divergence, normalize, clamp)
+    return mod.ratio_generator_loss(x, logit_grad, logits, weight, divergence, normalize, clamp)
 
 
 def ratio_classifier_loss(logits_gen, logits_real, weight=None, impl="auto"):
     """Logistic loss of the ratio classifier, generated = 1, real = 0."""
-    resolve_impl(impl)
-    return _ref.ratio_classifier_loss(logits_gen, logits_real, weight)
+    name, mod = _backend(impl, logits_gen.device)
+    if name == "triton":
+        return mod[0].ratio_classifier_loss(logits_gen, logits_real, weight)
+    return mod.ratio_classifier_loss(logits_gen, logits_real, weight)

@@ -110,3 +110,29 @@ def ratio_classifier_loss(logits_gen, logits_real, weight=None):
     if weight is not None:
         per = per * torch.as_tensor(weight, dtype=torch.float32, device=per.device).reshape(-1)
     return per.mean()
+
+
+def latent_sample(mean, std=None, z=None, scale=None, bias=None, seed=None):
+    """Clean latent sample (mean + std * z) * scale_c + bias_c in fp32 (c = dimension 1), in mean's dtype.
+
+    The optional step before add_noise on latent datasets stored as VAE posterior mean/std. Without std it is
+    only the per-channel affine map. z: given, or drawn from a torch.Generator seeded with seed + 2**32 (seed
+    None: 0), a stream apart from add_noise's eps for the same seed. scale / bias: scalars or one value per
+    channel."""
+    x = mean.float()
+    if std is not None:
+        if z is None:
+            gen = torch.Generator(device=mean.device)
+            gen.manual_seed((0 if seed is None else int(seed)) + 2**32)
+            z = torch.randn(mean.shape, generator=gen, device=mean.device, dtype=torch.float32)
+        x = x + std.float() * z.float()
+
+    def channel(v):
+        v = torch.as_tensor(v, dtype=torch.float32, device=mean.device).reshape(-1)
+        return v if v.numel() == 1 else v.reshape((1, -1) + (1,) * (mean.ndim - 2))
+
+    if scale is not None:
+        x = x * channel(scale)
+    if bias is not None:
+        x = x + channel(bias)
+    return x.to(mean.dtype)

@@ -1,0 +1,218 @@
+"""Fused noising in Triton: x_t = alpha_i * x0 + sigma_i * eps, with eps drawn inside the kernel.
+
+With a `seed` and no `noise` tensor, eps at flat element index k is Philox-based `tl.randn(seed, k)`: a pure
+function of (seed, k), independent of the grid, block size and batch split. It is never stored;
+`regenerate_noise(shape, seed)` runs the same kernel in a mode that writes it, and gives bit-identical values
+wherever a backward or a target needs it again.
+
+Optional fused latent sampling (EDM2-style latents stored as VAE posterior mean/std) happens in the same pass,
+before noising: x0 = (mean + std * z) * scale_c + bias_c with per-channel scale/bias (dimension 1). z is given
+or drawn from a second stream of the same seed (counter offset 2**62: the two streams never overlap), which
+`regenerate_noise(shape, seed, stream="latent")` reproduces. The sampled x0 can be written out in the same
+pass (`return_x0=True`) for use as the denoising target, or regenerated later with `sample_latents`.
+
+Gradients: d x_t / d x0 = alpha_i (times scale_c on the latent path), d x_t / d noise = sigma_i. The main use
+is under no_grad; the backward is plain torch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common as tc
+
+LATENT_STREAM_OFFSET = 1 << 62  # counter offset of the latent (z) stream relative to the eps stream
+_MODE_NOISE, _MODE_EPS, _MODE_LATENT = 0, 1, 2
+STREAMS = {"eps": _MODE_EPS, "latent": _MODE_LATENT}
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _noise_kernel(x0_ptr, noise_ptr, alpha_ptr, sigma_ptr, std_ptr, z_ptr, scale_ptr, bias_ptr, xt_ptr, x0_out_ptr,
+                  seed, B, N, INNER, NCH, MODE: tl.constexpr, HAS_NOISE: tl.constexpr, LATENT: tl.constexpr,
+                  HAS_Z: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_XT: tl.constexpr,
+                  WRITE_X0: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    rows, rmask, mask, offs = tc.tile_offsets(B, N, R, BLOCK)
+    if MODE == 1:  # regenerate eps
+        tl.store(xt_ptr + offs, tl.randn(seed, offs).to(xt_ptr.dtype.element_ty), mask=mask)
+    elif MODE == 2:  # regenerate the latent z
+        tl.store(xt_ptr + offs, tl.randn(seed, offs + 4611686018427387904).to(xt_ptr.dtype.element_ty), mask=mask)
+    else:
+        x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if LATENT:
+            std = tl.load(std_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                z = tl.randn(seed, offs + 4611686018427387904)
+            x0 = x0 + std * z
+        if HAS_SCALE or HAS_BIAS:
+            cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+            ch = ((cols // INNER) % NCH)[None, :]
+            cmask = (cols < N)[None, :]
+            if HAS_SCALE:
+                x0 = x0 * tl.load(scale_ptr + ch, mask=cmask, other=1.0)
+            if HAS_BIAS:
+                x0 = x0 + tl.load(bias_ptr + ch, mask=cmask, other=0.0)
+        if WRITE_X0:
+            tl.store(x0_out_ptr + offs, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_XT:
+            a = tl.load(alpha_ptr + rows, mask=rmask, other=0.0)
+            s = tl.load(sigma_ptr + rows, mask=rmask, other=0.0)
+            if HAS_NOISE:
+                eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                eps = tl.randn(seed, offs)
+            tl.store(xt_ptr + offs, (a[:, None] * x0 + s[:, None] * eps).to(xt_ptr.dtype.element_ty), mask=mask)
+
+
+def _seed(seed) -> int:
+    """Python int in [0, 2**63); None draws one from torch's default (CPU) generator, so torch.manual_seed
+    makes unseeded calls reproducible without any device synchronisation."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    return int(seed) % (1 << 63)
+
+
+def _channel_vector(v, x: torch.Tensor, name: str):
+    """(vector fp32, INNER, NCH) for a per-channel (dimension 1) scale or bias; a scalar broadcasts."""
+    if v is None:
+        return None
+    v = torch.as_tensor(v, dtype=torch.float32, device=x.device).detach().reshape(-1).contiguous()
+    if v.numel() == 1:
+        return v
+    if x.ndim < 2 or v.numel() != x.shape[1]:
+        raise ValueError(f"{name} must be a scalar or hold one value per channel (dimension 1 of "
+                         f"{tuple(x.shape)}), got {v.numel()} values")
+    return v
+
+
+def _launch(x0, *, out_xt=None, out_x0=None, noise=None, alpha=None, sigma=None, std=None, z=None, scale=None,
+            bias=None, seed=0, mode=_MODE_NOISE):
+    ref = x0 if x0 is not None else out_xt
+    B = ref.shape[0] if ref.ndim else 1
+    N = ref.numel() // max(B, 1)
+    if ref.numel() == 0:
+        return
+    counts = {v.numel() for v in (scale, bias) if v is not None and v.numel() > 1}
+    if len(counts) > 1:
+        raise ValueError("latent scale and bias must have the same number of channels")
+    nch = counts.pop() if counts else 1
+    inner = N // nch
+    if nch > 1:  # a scalar next to a per-channel vector: broadcast it
+        scale = None if scale is None else scale.expand(nch).contiguous()
+        bias = None if bias is None else bias.expand(nch).contiguous()
+    lay = tc.layout(B, N)
+    dummy = ref
+    with tc.device_guard(ref):
+        _noise_kernel[lay.grid](
+            dummy if x0 is None else x0, dummy if noise is None else noise,
+            dummy if alpha is None else alpha, dummy if sigma is None else sigma,
+            dummy if std is None else std, dummy if z is None else z,
+            dummy if scale is None else scale, dummy if bias is None else bias,
+            dummy if out_xt is None else out_xt, dummy if out_x0 is None else out_x0,
+            seed, B, N, inner, nch, MODE=mode, HAS_NOISE=noise is not None, LATENT=std is not None,
+            HAS_Z=z is not None, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+            WRITE_XT=out_xt is not None, WRITE_X0=out_x0 is not None, R=lay.R, BLOCK=lay.BLOCK,
+            num_warps=tc.num_warps(lay))
+
+
+def _same_shape(x0, name, t):
+    if t is None:
+        return None
+    if t.shape != x0.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(x0.shape)}")
+    return t.contiguous()
+
+
+class _AddNoise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x0, noise, alpha, sigma, seed, std, z, scale, bias, return_x0):
+        B = x0.shape[0]
+        x0c = x0.contiguous()
+        a = tc.per_sample_vector(alpha, B, x0.device, "alpha")
+        s = tc.per_sample_vector(sigma, B, x0.device, "sigma")
+        noise_c = _same_shape(x0, "noise", noise)
+        std_c, z_c = _same_shape(x0, "latent_std", std), _same_shape(x0, "latent_noise", z)
+        scale_v, bias_v = _channel_vector(scale, x0, "latent_scale"), _channel_vector(bias, x0, "latent_bias")
+        x_t = torch.empty_like(x0c)
+        x0_out = torch.empty_like(x0c) if return_x0 else None
+        _launch(x0c, out_xt=x_t, out_x0=x0_out, noise=noise_c, alpha=a, sigma=s, std=std_c, z=z_c, scale=scale_v,
+                bias=bias_v, seed=seed)
+        ctx.save_for_backward(a, s, scale_v)
+        ctx.dtypes = (x0.dtype, None if noise is None else noise.dtype)
+        if return_x0:
+            return x_t, x0_out
+        return x_t
+
+    @staticmethod
+    def backward(ctx, g_xt, g_x0=None):
+        a, s, scale_v = ctx.saved_tensors
+        shape = g_xt.shape if g_xt is not None else g_x0.shape
+        B = shape[0]
+        view = (B,) + (1,) * (len(shape) - 1)
+        grad_x0 = grad_noise = None
+        if ctx.needs_input_grad[0]:
+            g = torch.zeros(shape, dtype=torch.float32, device=a.device)
+            if g_xt is not None:
+                g = g + g_xt.float() * a.view(view)
+            if g_x0 is not None:
+                g = g + g_x0.float()
+            if scale_v is not None:
+                g = g * (scale_v.view((1, -1) + (1,) * (len(shape) - 2)) if scale_v.numel() > 1 else scale_v)
+            grad_x0 = g.to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1] and g_xt is not None:
+            grad_noise = (g_xt.float() * s.view(view)).to(ctx.dtypes[1])
+        return grad_x0, grad_noise, None, None, None, None, None, None, None, None
+
+
+def add_noise(x0, alpha, sigma, noise=None, seed=None, *, latent_std=None, latent_noise=None, latent_scale=None,
+              latent_bias=None, return_x0=False):
+    """x_t = alpha_i * x0 + sigma_i * eps, fp32 arithmetic, returned in x0's dtype.
+
+    alpha, sigma: python floats, 0-d or (B,) tensors. eps: `noise` when given, else tl.randn(seed, flat index)
+    (seed None: one drawn from torch's default generator). Latent path (latent_std given): x0 is the posterior
+    mean and the clean sample is (x0 + latent_std * z) * latent_scale_c + latent_bias_c, z = latent_noise or the
+    seed's latent stream; latent_scale / latent_bias alone apply just the per-channel affine map. With
+    return_x0=True returns (x_t, clean sample), both written by the same pass."""
+    for name, t in (("latent_std", latent_std), ("latent_scale", latent_scale), ("latent_bias", latent_bias)):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"add_noise (triton) does not propagate gradients into {name}")
+    if latent_noise is not None and latent_std is None:
+        raise ValueError("latent_noise needs latent_std (the latent sampling path)")
+    seed = _seed(seed) if (noise is None or (latent_std is not None and latent_noise is None)) else 0
+    out = _AddNoise.apply(x0, noise, alpha, sigma, seed, latent_std, latent_noise, latent_scale, latent_bias,
+                          bool(return_x0))
+    return out
+
+
+def sample_latents(mean, std=None, seed=None, z=None, scale=None, bias=None):
+    """The clean sample of the latent path alone: (mean + std * z) * scale_c + bias_c in fp32, mean's dtype.
+    With the same seed it equals the x0 that add_noise(..., latent_std=std, seed=seed) noised."""
+    if z is not None and std is None:
+        raise ValueError("z needs std")
+    seed = _seed(seed) if (std is not None and z is None) else 0
+    mean_c = mean.contiguous()
+    out = torch.empty_like(mean_c)
+    _launch(mean_c, out_x0=out, std=_same_shape(mean, "std", std), z=_same_shape(mean, "z", z),
+            scale=_channel_vector(scale, mean, "scale"), bias=_channel_vector(bias, mean, "bias"), seed=seed)
+    return out
+
+
+def regenerate_noise(shape, seed, stream="eps", device=None, dtype=torch.float32):
+    """The noise add_noise drew for `seed` on a tensor of this shape (stream "eps"), or the latent z
+    (stream "latent"), bit-identical on a given device. Same kernel, a mode that stores the draw."""
+    if stream not in STREAMS:
+        raise ValueError(f"stream must be one of {sorted(STREAMS)}, got {stream!r}")
+    shape = tuple(int(d) for d in (shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,)))
+    out = torch.empty(shape if shape else (1,), dtype=dtype, device=device)
+    if out.ndim == 1:
+        out = out.view(1, -1) if out.numel() else out
+    if math.prod(shape) > 0:
+        _launch(None, out_xt=out, seed=_seed(seed), mode=STREAMS[stream])
+    return out.reshape(shape)
+
+
+__all__ = ["add_noise", "regenerate_noise", "sample_latents", "LATENT_STREAM_OFFSET", "STREAMS"]
