@@ -22,18 +22,6 @@ from fastonestep.diffusion import (
 from fastonestep.diffusion.samplers import edm_sample, karras_sigmas, ode_solve, student_sample
 
 
-
-@pytest.fixture(autouse=True)
-def fast_and_reproducible():
-    """Seeded; one intra-op thread, since on tensors this small extra threads only add overhead (badly so on
-    a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
-
-
 SIGMAS = torch.tensor([0.002, 0.05, 0.5, 1.0, 7.0, 80.0], dtype=torch.float64)
 SCHEDULES = [EDMSchedule(), VPSchedule(), FlowSchedule()]
 

@@ -17,17 +17,6 @@ from fastonestep.networks import (
 TINY = dict(img_channels=1, resolution=8, channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,))
 
 
-@pytest.fixture(autouse=True)
-def fast_and_reproducible():
-    """Seeded; one intra-op thread, since on tensors this small extra threads only add overhead (badly so on
-    a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize_zero_init(module: torch.nn.Module) -> torch.nn.Module:
     """Zero-initialised layers make an untrained network's output (and its input gradient) exactly 0;
     give them small random values so the tests see a non-trivial function."""

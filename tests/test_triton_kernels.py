@@ -9,7 +9,6 @@ On a GPU machine `pytest` (interpreter on, from conftest) additionally runs the 
 subprocess with TRITON_INTERPRET=0: bf16, larger shapes, the compiled RNG. `TRITON_INTERPRET=0 pytest` runs the
 whole file compiled on CUDA.
 """
-import math
 import os
 import subprocess
 import sys
