@@ -131,3 +131,12 @@ def test_generator_gradient_is_weighted_logit_gradient(toy_teacher, realisation,
     else:
         want = coef[:, None] * dl / x.shape[0]
     torch.testing.assert_close(gx, want, rtol=1e-4, atol=1e-10)
+
+
+def test_teacher_metrics_are_reused_only_when_comparable(toy_teacher):
+    teacher_metrics = json.loads((toy_teacher / "metrics.json").read_text())
+    _, method = build(student_cfg(toy_teacher, "eval.teacher_fd=true"))  # same sampler, seeds and count
+    (name,) = method.known_metrics()
+    assert method.known_metrics()[name]["energy_distance"] == teacher_metrics[name]["energy_distance"]
+    _, method = build(student_cfg(toy_teacher, "eval.teacher_fd=true", "eval.num_samples=999"))
+    assert method.known_metrics() == {}

@@ -69,6 +69,10 @@ class Method:
         """Named samplers for evaluation: fn(noise, labels) -> samples. The first is the run's model."""
         raise NotImplementedError
 
+    def known_metrics(self) -> dict:
+        """Metrics of samplers measured elsewhere with the same settings (evaluate skips those samplers)."""
+        return {}
+
     # -- shared helpers -----------------------------------------------------------------------------------
     def random_labels(self, n: int):
         if not self.num_classes:

@@ -184,5 +184,21 @@ class DiffRatio(Method):
             out[f"teacher_{d.solver}{d.sample_steps}"] = teacher_ode
         return out
 
+    def known_metrics(self):
+        """The teacher's multi-step metrics, when its own run measured them with the same seeds and count."""
+        import json
+        import os
+
+        d = self.cfg.diffusion
+        name = f"teacher_{d.solver}{d.sample_steps}"
+        path = os.path.join(self.cfg.teacher, "metrics.json")
+        if not (self.cfg.eval.teacher_fd and os.path.isfile(path)):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f).get(name)
+        if not found or found.get("num_samples") != self.cfg.eval.num_samples:
+            return {}
+        return {name: {**found, "measured_in": self.cfg.teacher}}
+
     def export_info(self) -> dict:
         return {"role": "generator", "sigma_g": [self.cfg.diffratio.sigma_g]}
