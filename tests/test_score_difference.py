@@ -3,6 +3,7 @@ optimum of the logistic loss (c = log q_t - log p_t) for two Gaussians."""
 import json
 import math
 
+import pytest
 import torch
 
 from fastonestep.data.mixture import GaussianMixture
