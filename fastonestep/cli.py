@@ -114,7 +114,7 @@ def _cmd_demo(args) -> int:
     print(f"\nresults ({os.path.join(student_dir, 'metrics.json')}):")
     print(f"  {'model':<24}{'MNIST FD':>10}{'classes':>9}")
     for name, m in _headline(metrics).items():
-        print(f"  {name:<24}{m.get('mnist_fd', float('nan')):>10.2f}{m.get('classes_covered', 0):>9}")
+        print(f"  {name:<24}{m.get('mnist_fd', float('nan')):>10.2f}{m.get('num_classes_covered', 0):>9}")
     print(f"samples: {os.path.join(student_dir, 'samples.png')}")
     return 0
 
