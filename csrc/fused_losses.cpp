@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "op_checks.h"
+
 #include <Python.h>
 
 #include <algorithm>
@@ -29,27 +31,20 @@ namespace {
 
 constexpr double kEps = 1e-8;  // the normaliser's epsilon, as in kernels/reference.py
 
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
+
+
+using checks::acc_dtype;
+using checks::check_like;
+
 void check_rows(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor here");
-  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have a batch dimension, got a 0-d tensor");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
-              t.scalar_type());
+  checks::check_rows(t, c10::DeviceType::CPU, op, name);
 }
 
-void check_like(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name) {
-  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", name, " has shape ", b.sizes(), ", expected ", a.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name, " has dtype ", b.scalar_type(), ", expected ",
-              a.scalar_type(), " (promote on the Python side)");
-}
-
-// A (B,) per-sample vector as contiguous acc-dtype values on the CPU.
 at::Tensor per_sample(const at::Tensor& v, int64_t B, at::ScalarType acc, const char* op, const char* name) {
-  TORCH_CHECK(v.numel() == B, op, ": ", name, " must have one value per sample (", B, "), got ", v.numel());
-  return v.reshape({-1}).to(at::Device(at::kCPU), acc).contiguous();
+  return checks::per_sample(v, B, acc, at::Device(at::kCPU), op, name);
 }
 
 // Divergence weight h(r) = f''(r) r^2 at r = exp(-logit), from the clamped logit (see reference.py).

@@ -22,6 +22,8 @@
 #include <c10/cuda/CUDAStream.h>  // (not ATen/cuda/CUDAContext.h: no cuBLAS/cuSPARSE headers needed)
 #include <torch/library.h>
 
+#include "op_checks.h"
+
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -292,7 +294,6 @@ __global__ void __launch_bounds__(kThreads) sum_kernel(const acc_t* __restrict__
 
 // --------------------------------------------------------------------------------------------- host side
 
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -302,24 +303,18 @@ unsigned int grid_of(int64_t blocks, const char* op) {
   return static_cast<unsigned int>(blocks);
 }
 
-void check_rows(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor here");
-  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have a batch dimension, got a 0-d tensor");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
-              t.scalar_type());
-}
 
-void check_like(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name) {
-  TORCH_CHECK(b.device() == a.device(), op, ": ", name, " is on ", b.device(), ", expected ", a.device());
-  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", name, " has shape ", b.sizes(), ", expected ", a.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name, " has dtype ", b.scalar_type(), ", expected ",
-              a.scalar_type(), " (promote on the Python side)");
+
+using checks::acc_dtype;
+using checks::check_like;
+
+void check_rows(const at::Tensor& t, const char* op, const char* name) {
+  checks::check_rows(t, c10::DeviceType::CUDA, op, name);
 }
 
 at::Tensor per_sample(const at::Tensor& v, int64_t n, at::ScalarType acc, const at::Tensor& like, const char* op,
                       const char* name) {
-  TORCH_CHECK(v.numel() == n, op, ": ", name, " must have one value per sample (", n, "), got ", v.numel());
-  return v.reshape({-1}).to(like.device(), acc).contiguous();
+  return checks::per_sample(v, n, acc, like.device(), op, name);
 }
 
 at::Tensor nan_scalar(const at::Tensor& like, at::ScalarType acc) {

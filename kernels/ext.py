@@ -45,6 +45,7 @@ from fastonestep.kernels.reference import DIVERGENCES
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPP_SOURCE = "fused_losses.cpp"
 CUDA_SOURCE = "fused_losses_cuda.cu"
+HEADERS = ("op_checks.h",)  # hashed with the sources: a header change must rebuild
 PREBUILT = "fastonestep._C"
 OPS = ("denoising_loss_fwd", "dmd_loss_fwd", "ratio_generator_loss_fwd", "ratio_classifier_loss_fwd")
 CFLAGS = ["-O3"]
@@ -104,7 +105,7 @@ def _first_errors(message: str, limit: int = 12) -> str:
 
 def build_directory(sources: list[Path], with_cuda: bool) -> Path:
     digest = hashlib.sha256()
-    for src in sources:
+    for src in [*sources, *(CSRC / h for h in HEADERS)]:
         digest.update(src.name.encode())
         digest.update(src.read_bytes())
     digest.update(repr((torch.__version__, torch.version.cuda, sys.version, with_cuda, CFLAGS, CUDA_CFLAGS,

@@ -114,7 +114,7 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             line = stats.flush(done, done * batch)
             if bar is not None:
-                bar.set_postfix({k: f"{v:.3g}" for k, v in line.items() if "loss" in k or "accuracy" in k})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in line.items() if ("loss" in k or "accuracy" in k) and v is not None})
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             save_checkpoint(run_dir, done, {"step": done, "method": method.state_dict(),
                                             "loader": loader.state_dict(), "torch_rng": torch.get_rng_state()})

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import sys
 import time
-from collections import defaultdict
 
 import torch
 
@@ -20,7 +18,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class StatsLogger:
-    """Accumulates per-step scalars and appends one JSON line per log interval to stats.jsonl."""
+    """Accumulates per-step scalars and appends one JSON line per log interval to stats.jsonl.
+
+    Values may be python numbers or 0-d tensors. Tensors are summed where they live, so a training step
+    never waits for the device; the one synchronisation happens at `flush`. Non-finite values are left
+    out of the means and counted under "nonfinite/<name>".
+    """
 
     def __init__(self, run_dir: str, device: torch.device):
         self.path = os.path.join(run_dir, "stats.jsonl")
@@ -28,24 +31,27 @@ class StatsLogger:
         self._reset()
 
     def _reset(self):
-        self.sums, self.counts = defaultdict(float), defaultdict(int)
+        self.sums, self.counts, self.adds = {}, {}, {}
         self.images, self.t0 = 0, time.perf_counter()
 
     def add(self, stats: dict, images: int) -> None:
         for k, v in stats.items():
-            v = float(v)
-            if math.isfinite(v):
-                self.sums[k] += v
-                self.counts[k] += 1
-            else:
-                self.sums["nonfinite_" + k] += 1
-                self.counts["nonfinite_" + k] = 1
+            v = torch.as_tensor(v, dtype=torch.float64).detach().reshape(())
+            ok = torch.isfinite(v)
+            self.sums[k] = self.sums.get(k, 0) + torch.where(ok, v, torch.zeros_like(v))
+            self.counts[k] = self.counts.get(k, 0) + ok.to(torch.int64)
+            self.adds[k] = self.adds.get(k, 0) + 1
         self.images += images
 
     def flush(self, step: int, nimg: int) -> dict:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         row = {"step": step, "kimg": nimg / 1000}
-        row.update({k: self.sums[k] / self.counts[k] for k in sorted(self.sums)})
+        for k in sorted(self.sums):
+            count = int(self.counts[k])
+            total = float(self.sums[k])
+            row[k] = total / count if count else None
+            if count < self.adds[k]:
+                row["nonfinite/" + k] = self.adds[k] - count
         row["images_per_sec"] = self.images / dt
         row["sec_per_kimg"] = dt / max(self.images / 1000, 1e-9)
         row["peak_memory_mb"] = peak_memory_mb(self.device)

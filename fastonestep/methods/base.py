@@ -17,7 +17,10 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 def optimizer_step(opt: torch.optim.Optimizer, net: nn.Module, cfg: OptimConfig, step: int) -> float:
-    """Warm-up, clip, NaN guard, step. Returns the pre-clip gradient norm (inf/nan: the step was skipped)."""
+    """Warm-up, clip, NaN guard, step. Returns the pre-clip gradient norm (inf/nan: the step was skipped).
+
+    The finiteness check is the one host synchronisation of a step: skipping a bad update has to be decided
+    before Adam's moments see it. Everything else a step reports stays on the device until a log line."""
     params = [p for p in net.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     norm = float(norm)

@@ -97,8 +97,8 @@ class DiffRatio(Method):
         loss.backward()
         grad_norm = optimizer_step(self.opt_r, self.ratio, self.cfg.diffratio.ratio_optim, step)
         acc = 0.5 * ((l_gen > 0).float().mean() + (l_real < 0).float().mean())
-        return {"ratio/loss": loss.item(), "ratio/accuracy": acc.item(), "ratio/logit_gen": l_gen.mean().item(),
-                "ratio/logit_real": l_real.mean().item(), "grad_norm/ratio": grad_norm}
+        return {"ratio/loss": loss.detach(), "ratio/accuracy": acc, "ratio/logit_gen": l_gen.mean().detach(),
+                "ratio/logit_real": l_real.mean().detach(), "grad_norm/ratio": grad_norm}
 
     def generator_loss(self, x: torch.Tensor, labels=None):
         """The DiffRatio generator loss for generator outputs x (ratio network frozen). Returns (loss, stats)."""
@@ -113,17 +113,17 @@ class DiffRatio(Method):
             if weight is not None:
                 coef = coef * weight
             loss = (coef * logits).mean()
-            return loss, {"gen/logit": logits.mean().item()}
+            return loss, {"gen/logit": logits.mean().detach()}
         # 4.1(b): grad_x l by autograd (VE: alpha = 1), normalised per sample, applied as a surrogate.
         x_t = x_t.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = self.ratio(x_t, sigma, labels)
             (logit_grad,) = torch.autograd.grad(logits.sum(), x_t)
-        bad = (~torch.isfinite(logit_grad.flatten(1)).all(1)).sum().item()
+        bad = (~torch.isfinite(logit_grad.flatten(1)).all(1)).sum()
         loss = losses.ratio_generator_loss(x, logit_grad, logits.detach(), weight, dr.divergence,
                                            normalize=dr.normalize, clamp=dr.logit_clamp, impl=self.impl)
-        return loss, {"gen/logit": logits.mean().item(), "gen/nonfinite_samples": bad,
-                      "gen/grad_magnitude": logit_grad.abs().mean().item()}
+        return loss, {"gen/logit": logits.mean().detach(), "gen/nonfinite_samples": bad,
+                      "gen/grad_magnitude": logit_grad.abs().mean()}
 
     def generator_step(self, step, nimg):
         n = self.cfg.train.batch_size
@@ -137,7 +137,7 @@ class DiffRatio(Method):
             self.ratio.requires_grad_(True)
         grad_norm = optimizer_step(self.opt_g, self.generator, self.cfg.optim, step)
         self.ema.update(self.generator, nimg + n, n)
-        return {"gen/loss": loss.item(), "grad_norm/generator": grad_norm, **stats}
+        return {"gen/loss": loss.detach(), "grad_norm/generator": grad_norm, **stats}
 
     def step(self, next_batch, step, nimg):
         stats = {}

@@ -36,7 +36,7 @@ class EDMPretrain(Method):
         loss.backward()
         grad_norm = optimizer_step(self.opt, self.net, self.cfg.optim, step)
         self.ema.update(self.net, nimg + x0.shape[0], x0.shape[0])
-        return {"loss": loss.item(), "grad_norm/denoiser": grad_norm}
+        return {"loss": loss.detach(), "grad_norm/denoiser": grad_norm}
 
     def state_dict(self):
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "ema": self.ema.state_dict(),

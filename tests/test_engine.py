@@ -1,0 +1,51 @@
+"""Engine pieces: atomic writes never leave a torn file, stats count non-finite values, EMA follows its
+half-life."""
+import json
+import os
+
+import pytest
+import torch
+
+from fastonestep.engine.checkpoint import atomic_path, atomic_write_json, save_checkpoint, list_checkpoints
+from fastonestep.engine.ema import EMA
+from fastonestep.engine.stats import StatsLogger
+
+
+def test_failed_atomic_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "metrics.json"
+    atomic_write_json(str(target), {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(target)) as tmp:
+            with open(tmp, "w") as f:
+                f.write('{"v": 2, "torn')
+            raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert os.listdir(tmp_path) == ["metrics.json"]  # no temporary left behind
+
+
+def test_checkpoints_keep_the_newest(tmp_path):
+    for step in (10, 20, 30):
+        save_checkpoint(str(tmp_path), step, {"step": step}, keep=2)
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [20, 30]
+
+
+def test_stats_average_finite_values_and_count_the_rest(tmp_path):
+    log = StatsLogger(str(tmp_path), torch.device("cpu"))
+    log.add({"loss": torch.tensor(1.0), "grad_norm": 2.0}, images=8)
+    log.add({"loss": torch.tensor(3.0), "grad_norm": float("inf")}, images=8)
+    log.add({"loss": torch.tensor(float("nan")), "grad_norm": 4.0}, images=8)
+    row = log.flush(step=3, nimg=24)
+    assert row["loss"] == 2.0 and row["grad_norm"] == 3.0
+    assert row["nonfinite/loss"] == 1 and row["nonfinite/grad_norm"] == 1
+    assert json.loads((tmp_path / "stats.jsonl").read_text())["step"] == 3
+
+
+def test_ema_half_life():
+    net = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    ema = EMA(net, halflife_kimg=0.1, rampup=0)  # half-life of 100 samples
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for i in range(10):  # 10 updates of 10 samples = one half-life
+        ema.update(net, nimg=(i + 1) * 10, batch_size=10)
+    assert ema.net.weight.item() == pytest.approx(0.5, rel=1e-6)
