@@ -21,6 +21,9 @@ def test_failed_atomic_write_keeps_the_old_file(tmp_path):
             raise RuntimeError("killed mid-write")
     assert json.loads(target.read_text()) == {"v": 1}
     assert os.listdir(tmp_path) == ["metrics.json"]  # no temporary left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
 
 
 def test_checkpoints_keep_the_newest(tmp_path):
