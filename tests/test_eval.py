@@ -125,9 +125,9 @@ def test_toy_metrics_reports_what_applies():
 # ---------------------------------------------------------------------------------------- MNIST FD
 
 @pytest.fixture(scope="session")
-def mnist_setup(tmp_path_factory):
-    """Train the classifier once per test session, cached in a temporary folder."""
-    cache = tmp_path_factory.mktemp("fastonestep_cache")
+def mnist_setup(cache_dir):
+    """Train the classifier once per test session, in the session cache every MNIST test shares."""
+    cache = cache_dir
     model = get_mnist_classifier(str(cache))
     images, labels = load_mnist()
     return model, str(cache), images, labels
