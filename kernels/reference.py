@@ -53,8 +53,14 @@ def _finite_rows(*tensors) -> torch.Tensor:
 
 
 def surrogate_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """0.5 * mean((x - sg(x - g))^2): value 0.5*mean(g^2), gradient w.r.t. x equal to g / numel(x)."""
-    return 0.5 * (x.float() - (x.float() - g).detach()).square().mean()
+    """The contract of 0.5 * mean((x - sg(x - g))^2): value 0.5*mean(g^2), gradient w.r.t. x exactly g / numel(x).
+
+    Written literally, autograd forms the gradient as x - sg(x - g), which in fp32 loses g's low bits (all of
+    them once |g| < ulp(x)): clamped logits or small time weights then get a noisy, biased update. Here
+    the value is computed from g and the gradient comes from a term linear in x, so neither cancels."""
+    g = g.detach()
+    linear = (x.float() * g).sum() / x.numel()
+    return 0.5 * g.square().mean() + (linear - linear.detach())
 
 
 def dmd_gradient(x, x_real_hat, x_fake_hat, eps: float = 1e-8) -> torch.Tensor:

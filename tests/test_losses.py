@@ -102,3 +102,14 @@ def test_impl_selection_errors_are_clear(monkeypatch):
     monkeypatch.setenv("FASTONESTEP_IMPL", "bogus")
     with pytest.raises(ValueError, match="FASTONESTEP_IMPL"):
         losses.ratio_classifier_loss(torch.zeros(2), torch.zeros(2))
+
+
+def test_surrogate_gradient_is_exact_for_tiny_steps():
+    """g far below ulp(x) must still arrive intact: x - sg(x - g) would round it away in fp32."""
+    x = torch.full((2, 4), 100.0, requires_grad=True)
+    logit_grad = torch.ones(2, 4)
+    weight = torch.tensor([1e-9, 1.0])
+    loss = losses.ratio_generator_loss(x, logit_grad, torch.zeros(2), weight, "rkl")
+    (gx,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(gx[0], torch.full((4,), 1e-9 / 8), rtol=1e-6, atol=0)
+    assert loss.item() == pytest.approx(0.5 * (1e-18 + 1.0) / 2, rel=1e-6)
