@@ -33,21 +33,20 @@ def _cmd_sample(args) -> int:
     import torch
 
     from fastonestep.diffusion.samplers import edm_sample, student_sample
-    from fastonestep.engine.evaluate import fixed_labels, fixed_noise
+    from fastonestep.engine.evaluate import generate
     from fastonestep.engine.export import load_model
     from fastonestep.engine.images import save_image_grid, save_scatter
-    from fastonestep.methods.diffratio import resolve_teacher_path
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net, info = load_model(resolve_teacher_path(args.model), device)
-    noise = fixed_noise(args.num, info["data_shape"], device, seed=args.seed)
-    labels = fixed_labels(args.num, info["num_classes"], device)
-    with torch.no_grad():
-        if info.get("role") == "generator":
-            samples = student_sample(net, noise, info["sigma_g"], labels=labels)
-        else:
-            samples = edm_sample(net, noise, num_steps=args.steps, labels=labels)
-    samples = samples.float().cpu()
+    net, info = load_model(args.model, device)
+    if info.get("role") == "generator":
+        def sampler(noise, labels):
+            return student_sample(net, noise, info["sigma_g"], labels=labels)
+    else:
+        def sampler(noise, labels):
+            return edm_sample(net, noise, num_steps=args.steps, labels=labels)
+    samples = generate(sampler, args.num, info["data_shape"], info["num_classes"], device, batch_size=256,
+                       seed=args.seed)
     out = args.out or "samples.png"
     if samples.ndim == 2:
         save_scatter(samples, None, out)

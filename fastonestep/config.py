@@ -270,7 +270,7 @@ def apply_overrides(d: dict, overrides) -> dict:
 
 
 def validate(cfg: Config) -> Config:
-    flat = _flatten(to_dict(cfg))
+    flat = flatten(to_dict(cfg))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {flat[key]!r}")
@@ -289,11 +289,11 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, prefix + k + "."))
+            out.update(flatten(v, prefix + k + "."))
         else:
             out[prefix + k] = v
     return out

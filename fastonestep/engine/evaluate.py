@@ -22,7 +22,7 @@ def fixed_noise(n: int, shape, device, seed: int = EVAL_SEED) -> torch.Tensor:
     return torch.randn((n, *shape), generator=g).to(device)
 
 
-def fixed_labels(n: int, num_classes: int, device, seed: int = EVAL_SEED):
+def fixed_labels(n: int, num_classes: int, device):
     if not num_classes:
         return None
     return (torch.arange(n) % num_classes).to(device)
@@ -31,7 +31,7 @@ def fixed_labels(n: int, num_classes: int, device, seed: int = EVAL_SEED):
 @torch.no_grad()
 def generate(sampler, n: int, shape, num_classes: int, device, batch_size: int, seed: int = EVAL_SEED):
     noise = fixed_noise(n, shape, device, seed)
-    labels = fixed_labels(n, num_classes, device, seed)
+    labels = fixed_labels(n, num_classes, device)
     chunks = []
     for i in range(0, n, batch_size):
         lab = None if labels is None else labels[i:i + batch_size]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import torch
 from safetensors.torch import load_file, save_file, safe_open
@@ -45,8 +46,14 @@ def read_info(path: str) -> dict:
     return json.loads(meta["fastonestep"])
 
 
+def model_path(path: str) -> str:
+    """A model is named by its run directory (its model.safetensors) or by the file itself."""
+    return os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+
+
 def load_model(path: str, device="cpu"):
-    """Returns (EDMPrecond denoiser/generator in eval mode, info)."""
+    """Returns (EDMPrecond denoiser/generator in eval mode, info); `path` is a run directory or a model file."""
+    path = model_path(path)
     info = read_info(path)
     spec = info["network"]
     net = build_denoiser(spec["kind"], tuple(info["data_shape"]), info["num_classes"], info["sigma_data"],

@@ -6,6 +6,7 @@ run re-run does nothing but report its metrics.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 import yaml
 
-from fastonestep.config import Config, ConfigError, save_config, to_dict, _flatten
+from fastonestep.config import Config, ConfigError, save_config, to_dict, flatten
 from fastonestep.data import make_dataset
 from fastonestep.engine.checkpoint import (atomic_write_json, latest_checkpoint, load_checkpoint,
                                            save_checkpoint)
@@ -41,8 +42,8 @@ def _check_same_run(cfg: Config, run_dir: str) -> None:
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
-        saved = _flatten(yaml.safe_load(f) or {})
-    current = _flatten(to_dict(cfg))
+        saved = flatten(yaml.safe_load(f) or {})
+    current = flatten(to_dict(cfg))
     differ = sorted(k for k in set(saved) | set(current)
                     if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("eval."))
     if differ:
@@ -97,8 +98,6 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
         log(f"resuming from {ckpt_path} (step {start})")
     if start >= cfg.train.steps and os.path.exists(metrics_path):
         log(f"run '{run_dir}' is complete ({start} steps); metrics in {metrics_path}")
-        import json
-
         with open(metrics_path, encoding="utf-8") as f:
             return json.load(f)
 

@@ -10,6 +10,8 @@ the ratio network's encoder); it is never evaluated during training.
 from __future__ import annotations
 
 import copy
+import json
+import os
 
 import torch
 
@@ -21,20 +23,13 @@ from fastonestep.methods.base import Method, make_optimizer, optimizer_step, sam
 from fastonestep.networks.build import build_ratio, count_parameters
 
 
-def resolve_teacher_path(path: str) -> str:
-    """A teacher is a run directory (its model.safetensors) or a model file itself."""
-    import os
-
-    return os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
-
-
 class DiffRatio(Method):
     name = "diffratio"
 
     def __init__(self, cfg, dataset, device):
         super().__init__(cfg, dataset, device)
         dr = cfg.diffratio
-        teacher, self.teacher_info = load_model(resolve_teacher_path(cfg.teacher), device)
+        teacher, self.teacher_info = load_model(cfg.teacher, device)
         self._check_teacher(dataset)
         self.sigma_data = self.teacher_info["sigma_data"]
         self.generator = copy.deepcopy(teacher).train().requires_grad_(True)
@@ -167,7 +162,7 @@ class DiffRatio(Method):
     def samplers(self):
         sigma_g = self.cfg.diffratio.sigma_g
         d = self.cfg.diffusion
-        teacher, _ = load_model(resolve_teacher_path(self.cfg.teacher), self.device)
+        teacher, _ = load_model(self.cfg.teacher, self.device)
 
         def one_step(noise, labels):
             return student_sample(self.ema.net, noise, [sigma_g], labels=labels)
@@ -186,9 +181,6 @@ class DiffRatio(Method):
 
     def known_metrics(self):
         """The teacher's multi-step metrics, when its own run measured them with the same seeds and count."""
-        import json
-        import os
-
         d = self.cfg.diffusion
         name = f"teacher_{d.solver}{d.sample_steps}"
         path = os.path.join(self.cfg.teacher, "metrics.json")
