@@ -13,7 +13,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py $(PINS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check -c $(PINS) torch numpy
-	$(PIP) install -q --disable-pip-version-check -c $(PINS) -e ".[dev]"
+	$(PIP) install -q --disable-pip-version-check -c $(PINS) --no-deps --no-build-isolation deepspeed
+	$(PIP) install -q --disable-pip-version-check -c $(PINS) -e ".[dev,dali,latent,deepspeed]"
 	touch $(STAMP)
 
 venv: $(STAMP)

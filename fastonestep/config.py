@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -21,17 +22,31 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    kind: str = "toy2d"  # toy2d | mnist | folder
+    kind: str = "toy2d"  # toy2d | mnist | folder | latent
     name: str = "grid25"  # toy2d: grid25 | rings | moons
-    path: str = ""  # folder: an image directory or a .npz file
+    path: str = ""  # folder: an image directory or a .npz file; latent: a `fastonestep dataset encode` output dir
     resolution: int = 32
     size: int = 0  # 0: all (toy2d: 100k samples)
     class_conditional: bool = False
+    # Optional promises about the data, checked against the dataset when it loads; the dry run
+    # (`train --dry-run`) sizes the networks from them without reading any data. [] / 0: not stated.
+    shape: list = field(default_factory=list)  # one sample's shape, e.g. [4, 64, 64] for ImageNet-512 latents
+    num_classes: int = 0
+    # auto: in memory for toys, MNIST, .npz and small folders; else streaming (dali if installed, else torch)
+    loader: str = "auto"  # auto | memory | torch | dali
+    workers: int = 0  # streaming loaders: reader processes (torch) / threads (dali); 0 = in-process / 1 thread
+    xflip: bool = False  # image folders: random horizontal flips (seeded per epoch); off: digits and text must not flip
+    # latent: clean sample = (mean + std * z) * latent_scale_c + latent_bias_c. EDM2 SD-VAE defaults:
+    # scale = 0.5 / raw_std, bias = -raw_mean * scale, raw_mean [5.81, 3.25, 0.12, -2.15], raw_std [4.17, 4.62, 3.71, 3.28]
+    latent_scale: list = field(default_factory=lambda: [0.5 / s for s in (4.17, 4.62, 3.71, 3.28)])
+    latent_bias: list = field(default_factory=lambda: [-m * 0.5 / s for m, s in zip((5.81, 3.25, 0.12, -2.15),
+                                                                                     (4.17, 4.62, 3.71, 3.28))])
 
 
 @dataclass
 class NetworkConfig:
-    kind: str = "mlp"  # mlp | unet
+    kind: str = "mlp"  # mlp | unet | edm2 (magnitude-preserving EDM2 UNet, networks/edm2.py)
+    size: str = ""  # edm2: xs | s | m | l | xl | xxl picks channels (128 ... 448); "" = use channels
     # mlp
     hidden: int = 256
     depth: int = 3
@@ -78,6 +93,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     kernels: str = "eager"  # eager | fused (fused kernels: see fastonestep.losses)
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    # Per-process micro-batch; 0 = batch_size / world_size. Changes only gradient accumulation
+    # (batch_size / (world_size * batch_per_gpu) rounds), never the effective batch or the lr.
+    batch_per_gpu: int = 0
+    eval_every_kimg: float = 0.0  # evaluate the run's model every N thousand images into eval.jsonl; 0 = off
 
 
 @dataclass
@@ -110,6 +129,61 @@ class DiffRatioConfig:
 
 
 @dataclass
+class DMDConfig:
+    """DMD / DMD2 (design 4.2). DMD2 = fake_steps 5 and gan_weight > 0. DP-DMD reads the fake-score and band
+    keys from here too (it ignores student_sigmas / backward_simulation and refuses gan_weight > 0)."""
+    fake_steps: int = 1  # fake-score updates per generator update (DMD 1, DMD2 5)
+    fake_p_mean: float = -1.2  # fake-score training noise: ln(sigma) ~ N(fake_p_mean, fake_p_std^2)
+    fake_p_std: float = 1.2
+    # Generator noise band: uniform over the indices of a Karras grid of num_grid_steps levels
+    # (diffusion.sigma_min..sigma_max) whose position, 0 = sigma_min .. 1 = sigma_max, is in [t_min, t_max].
+    t_min_frac: float = 0.02
+    t_max_frac: float = 0.98
+    num_grid_steps: int = 1000
+    student_sigmas: list = field(default_factory=lambda: [2.5])  # decreasing student levels; one = one-step G
+    backward_simulation: bool = True  # multi-level students: own earlier steps make the input (DMD2)
+    gan_weight: float = 0.0  # DMD2 generator GAN loss weight (DMD2 paper: 3e-3); 0 = no GAN head
+    gan_disc_weight: float = 1e-2  # discriminator loss weight inside the fake-score loss (DMD2: 1e-2)
+    fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, beta1=0.0, beta2=0.99))
+
+
+@dataclass
+class DPDMDConfig:
+    """DP-DMD (design 4.3): step 1 by target prediction onto the teacher ODE, steps 2..K by DMD (dmd.*)."""
+    student_sigmas: list = field(default_factory=lambda: [2.5, 0.5])  # K >= 2 decreasing levels
+    target: str = "x0"  # x0 | eps | v: the form in which the first-step prediction is regressed
+    teacher_steps: int = 4  # teacher ODE steps from student_sigmas[0] to student_sigmas[1]
+    teacher_solver: str = "heun"  # heun | euler
+    diversity_weight: float = 1.0  # weight of the first-step target-prediction loss
+
+
+@dataclass
+class BackwardConfig:
+    """Imagine-Flash-style backward distillation (design 4.4; our reading, see methods/backward.py)."""
+    student_sigmas: list = field(default_factory=lambda: [80.0, 2.0])  # 1-3 decreasing student levels
+    parameterization: str = "x0"  # x0 (the preconditioned denoiser) | eps (eps_hat = (x - D) / sigma)
+    noise_correction: float = 1.0  # eps only, first step: eps = z + c (eps_hat - z); 1 = off, 0 = known noise
+    trajectory_net: str = "student"  # student | ema: the weights that simulate the earlier steps (no gradient)
+    step_weights: list = field(default_factory=list)  # relative probability of training each step; [] = uniform
+    shift: str = "identity"  # identity (s' = s) | power (ln s' = shift_a ln s + shift_b) | fixed (s' = shift_sigma)
+    shift_a: float = 1.0
+    shift_b: float = 0.0
+    shift_sigma: float = 1.0
+    teacher_steps: int = 1  # 1: one teacher call at s'; n > 1: an n-level teacher ODE from s' to 0
+    teacher_solver: str = "heun"  # heun | euler (teacher_steps > 1)
+    weighting: str = "none"  # none: mean (x0_s - target)^2 | edm: times lambda(s_k)
+
+
+@dataclass
+class DistributedConfig:
+    """Backends (fastonestep.engine.distributed): launch with torchrun (or the deepspeed launcher)."""
+    backend: str = "single"  # single | ddp | deepspeed
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1 | 2 | 3
+    deepspeed_config: str = ""  # optional DeepSpeed JSON (e.g. configs/deepspeed/zero3.json); validated against us
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
 class EvalConfig:
     num_samples: int = 2000  # images / points generated for metrics.json
     batch_size: int = 500
@@ -117,11 +191,13 @@ class EvalConfig:
     grid: int = 8  # samples.png is grid x grid
     inception: str = ""  # a local FID Inception weights file (pt_inception-2015-12-05 format): adds "fid"
     fid_ref: str = ""  # FID reference statistics .npz (mu, sigma); empty: the training images
+    features: str = "auto"  # FD / PRDC / diversity features: auto | mnist | inception | raw (fastonestep.eval.features)
+    prdc_k: int = 5  # k of the k-NN balls of precision / recall / density / coverage
 
 
 @dataclass
 class Config:
-    method: str = "edm"  # edm (diffusion pretraining) | diffratio
+    method: str = "edm"  # edm (diffusion pretraining) | diffratio | dmd | dpdmd
     seed: int = 0
     teacher: str = ""  # distillation: the teacher's run directory (or its checkpoint file)
     data: DataConfig = field(default_factory=DataConfig)
@@ -130,27 +206,46 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     diffratio: DiffRatioConfig = field(default_factory=DiffRatioConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    dpdmd: DPDMDConfig = field(default_factory=DPDMDConfig)
+    backward: BackwardConfig = field(default_factory=BackwardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 CHOICES = {
-    "method": ("edm", "diffratio"),
-    "data.kind": ("toy2d", "mnist", "folder"),
-    "network.kind": ("mlp", "unet"),
+    "method": ("edm", "diffratio", "dmd", "dpdmd", "backward"),
+    "data.kind": ("toy2d", "mnist", "folder", "latent"),
+    "data.loader": ("auto", "memory", "torch", "dali"),
+    "network.kind": ("mlp", "unet", "edm2"),
+    "network.size": ("", "xs", "s", "m", "l", "xl", "xxl"),
     "diffusion.schedule": ("edm", "vp", "flow"),
     "diffusion.solver": ("heun", "euler"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.kernels": ("eager", "fused"),
+    "distributed.backend": ("single", "ddp", "deepspeed"),
+    "distributed.zero_stage": (1, 2, 3),
+    "distributed.precision": ("auto", "fp32", "bf16"),
     "diffratio.divergence": ("rkl", "dijs", "fkl", "hellinger"),
     "diffratio.realisation": ("grad", "logit"),
     "diffratio.weighting": ("one", "sigma2"),
     "diffratio.ratio_net.kind": ("auto", "encoder", "mlp"),
     "diffratio.ratio_net.init": ("teacher", "scratch"),
+    "eval.features": ("auto", "mnist", "inception", "raw"),
+    "dpdmd.target": ("x0", "eps", "v"),
+    "dpdmd.teacher_solver": ("heun", "euler"),
+    "backward.parameterization": ("x0", "eps"),
+    "backward.trajectory_net": ("student", "ema"),
+    "backward.shift": ("identity", "power", "fixed"),
+    "backward.teacher_solver": ("heun", "euler"),
+    "backward.weighting": ("none", "edm"),
 }
 
 POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.checkpoint_every", "eval.num_samples",
-            "eval.batch_size", "diffratio.ratio_steps", "diffratio.sigma_g", "diffusion.sigma_data",
-            "diffusion.sample_steps", "data.resolution", "optim.lr", "diffratio.ratio_optim.lr")
+            "eval.batch_size", "eval.prdc_k", "diffratio.ratio_steps", "diffratio.sigma_g", "diffusion.sigma_data",
+            "diffusion.sample_steps", "data.resolution", "optim.lr", "diffratio.ratio_optim.lr",
+            "dmd.fake_steps", "dmd.num_grid_steps", "dmd.fake_optim.lr", "dmd.fake_p_std", "dpdmd.teacher_steps",
+            "backward.teacher_steps")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,23 +364,100 @@ def apply_overrides(d: dict, overrides) -> dict:
     return d
 
 
+def _check_levels(levels, key: str, min_len: int) -> None:
+    """Student noise levels: at least min_len positive numbers, strictly decreasing."""
+    if len(levels) < min_len or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in levels):
+        raise ConfigError(f"config key '{key}' must be a list of at least {min_len} noise level(s); got {levels!r}")
+    if min(levels) <= 0:
+        raise ConfigError(f"config key '{key}' must hold positive noise levels; got {levels!r}")
+    if any(b >= a for a, b in zip(levels, levels[1:])):
+        raise ConfigError(f"config key '{key}' must be strictly decreasing (first step at the highest noise); "
+                          f"got {levels!r}")
+
+
+def dmd_band(num_grid_steps: int, t_min_frac: float, t_max_frac: float) -> range:
+    """Indices (0 = sigma_min .. num_grid_steps - 1 = sigma_max) of the Karras-grid levels in the DMD band."""
+    last = num_grid_steps - 1
+    return range(math.ceil(t_min_frac * last - 1e-9), math.floor(t_max_frac * last + 1e-9) + 1)
+
+
+def _validate_dmd(cfg: Config) -> None:
+    dmd = cfg.dmd
+    if not 0.0 <= dmd.t_min_frac < dmd.t_max_frac <= 1.0:
+        raise ConfigError(f"config keys 'dmd.t_min_frac' < 'dmd.t_max_frac' within [0, 1] required; got "
+                          f"{dmd.t_min_frac}, {dmd.t_max_frac}")
+    if dmd.num_grid_steps < 2 or not dmd_band(dmd.num_grid_steps, dmd.t_min_frac, dmd.t_max_frac):
+        raise ConfigError(f"config key 'dmd.num_grid_steps' = {dmd.num_grid_steps} leaves no grid level in the band "
+                          f"[{dmd.t_min_frac}, {dmd.t_max_frac}] (needs >= 2 levels)")
+    for key in ("gan_weight", "gan_disc_weight"):
+        if getattr(dmd, key) < 0:
+            raise ConfigError(f"config key 'dmd.{key}' must be >= 0; got {getattr(dmd, key)!r}")
+    _check_levels(dmd.student_sigmas, "dmd.student_sigmas", 1)
+    if cfg.method == "dpdmd":
+        _check_levels(cfg.dpdmd.student_sigmas, "dpdmd.student_sigmas", 2)
+        if cfg.dpdmd.diversity_weight < 0:
+            raise ConfigError(f"config key 'dpdmd.diversity_weight' must be >= 0; got {cfg.dpdmd.diversity_weight!r}")
+        if dmd.gan_weight > 0:
+            raise ConfigError("config key 'dmd.gan_weight' must be 0 for method 'dpdmd' (DP-DMD uses no discriminator)")
+
+
+def _validate_backward(b: BackwardConfig) -> None:
+    _check_levels(b.student_sigmas, "backward.student_sigmas", 1)
+    if len(b.student_sigmas) > 3:
+        raise ConfigError(f"config key 'backward.student_sigmas' holds 1 to 3 levels (a 1-3 step student); "
+                          f"got {b.student_sigmas!r}")
+    w = b.step_weights
+    if w and (len(w) != len(b.student_sigmas) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                          and v >= 0 for v in w) or not sum(w) > 0):
+        raise ConfigError(f"config key 'backward.step_weights' must be empty (uniform) or {len(b.student_sigmas)} "
+                          f"non-negative numbers with a positive sum, one per student level; got {w!r}")
+    if b.shift == "power" and not (b.shift_a > 0 and math.isfinite(b.shift_a) and math.isfinite(b.shift_b)):
+        raise ConfigError(f"config key 'backward.shift_a' must be positive (the shift gamma must increase with "
+                          f"sigma) and 'backward.shift_b' finite; got {b.shift_a!r}, {b.shift_b!r}")
+    if b.shift == "fixed" and not b.shift_sigma > 0:
+        raise ConfigError(f"config key 'backward.shift_sigma' must be positive; got {b.shift_sigma!r}")
+    if not 0.0 <= b.noise_correction <= 1.0:
+        raise ConfigError(f"config key 'backward.noise_correction' must be in [0, 1] (1 = no correction); "
+                          f"got {b.noise_correction!r}")
+    if b.parameterization == "x0" and b.noise_correction != 1.0:
+        raise ConfigError("config key 'backward.noise_correction' applies to eps-parameterised students only: "
+                          "set backward.parameterization=eps, or leave noise_correction at 1.0")
+
+
 def validate(cfg: Config) -> Config:
     flat = flatten(to_dict(cfg))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {flat[key]!r}")
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}; got {flat[key]!r}")
     for key in POSITIVE:
         if not flat[key] > 0:
             raise ConfigError(f"config key '{key}' must be positive; got {flat[key]!r}")
+    b, per_gpu = cfg.train.batch_size, cfg.train.batch_per_gpu
+    if per_gpu < 0 or (per_gpu and b % per_gpu):  # the world-size part is checked at launch
+        raise ConfigError(f"config key 'train.batch_per_gpu' = {per_gpu} must be 0 or divide "
+                          f"train.batch_size = {b}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in cfg.data.shape):
+        raise ConfigError(f"config key 'data.shape' must be a list of positive integers; got {cfg.data.shape!r}")
+    if cfg.data.num_classes < 0:
+        raise ConfigError(f"config key 'data.num_classes' must be >= 0; got {cfg.data.num_classes!r}")
     if cfg.method != "edm" and not cfg.teacher:
         raise ConfigError(f"method '{cfg.method}' distils a teacher: set config key 'teacher' to a teacher run directory")
     if cfg.data.kind == "folder" and not cfg.data.path:
         raise ConfigError("config key 'data.path' must name an image folder or .npz file when data.kind=folder")
+    if cfg.data.kind == "latent" and not cfg.data.path:
+        raise ConfigError("config key 'data.path' must name a latent dataset folder (`fastonestep dataset encode`) "
+                          "when data.kind=latent")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"config key 'data.workers' must be >= 0; got {cfg.data.workers}")
     for key, path in (("eval.inception", cfg.eval.inception), ("eval.fid_ref", cfg.eval.fid_ref)):
         if path and not os.path.isfile(path):  # checked now, not after hours of training
             raise ConfigError(f"config key '{key}': file '{path}' does not exist")
     if cfg.diffratio.sigma_min >= cfg.diffratio.sigma_max:
         raise ConfigError("config keys 'diffratio.sigma_min' < 'diffratio.sigma_max' required")
+    if not cfg.train.eval_every_kimg >= 0:
+        raise ConfigError(f"config key 'train.eval_every_kimg' must be >= 0 (0 = off); got {cfg.train.eval_every_kimg!r}")
+    _validate_dmd(cfg)
+    _validate_backward(cfg.backward)
     return cfg
 
 

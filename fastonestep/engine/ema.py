@@ -25,12 +25,19 @@ class EMA:
         return 0.5 ** (batch_size / max(halflife, 1e-8))
 
     @torch.no_grad()
-    def update(self, net: nn.Module, nimg: int, batch_size: int) -> None:
+    def update(self, net: nn.Module, nimg: int, batch_size: int, params=None) -> None:
+        """`params`: the full parameters of `net` in parameters() order when `net` holds only a shard of them
+        (ZeRO-3 gathers them; see Trainable.full_parameters). Buffers are never sharded."""
         beta = self.beta(nimg, batch_size)
-        for p_ema, p in zip(self.net.parameters(), net.parameters()):
+        for p_ema, p in zip(self.net.parameters(), net.parameters() if params is None else params, strict=True):
             p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - beta)
         for b_ema, b in zip(self.net.buffers(), net.buffers()):
             b_ema.copy_(b)
+
+    def update_from(self, trainable, nimg: int, batch_size: int) -> None:
+        """EMA step from a backend Trainable (any backend, any ZeRO stage)."""
+        with trainable.full_parameters() as params:
+            self.update(trainable.network, nimg, batch_size, params=params)
 
     def state_dict(self):
         return self.net.state_dict()

@@ -40,21 +40,34 @@ def generate(sampler, n: int, shape, num_classes: int, device, batch_size: int, 
 
 
 def sample_metrics(samples: torch.Tensor, dataset, eval_cfg=None) -> dict:
+    """Toys: toy_metrics against reference points drawn with EVAL_SEED. MNIST: mnist_fd and class coverage.
+    Inception FID when eval.inception is set. Plus, in the feature space eval.features picks
+    (fastonestep.eval.features): the FD under that space's key (mnist_fd | fid | raw_fd), precision, recall,
+    density, coverage (k = eval.prdc_k) and diversity, with ref_diversity of real data for scale."""
+    from fastonestep.eval.features import dataset_feature_metrics, make_features
+
+    inception = getattr(eval_cfg, "inception", "")
+    fid_ref = getattr(eval_cfg, "fid_ref", "")
+    metrics = {}
     if dataset.distribution is not None:
         from fastonestep.eval.toy_metrics import toy_metrics
 
-        return toy_metrics(samples, dataset.distribution)
-    metrics = {}
+        metrics.update(toy_metrics(samples, dataset.distribution, generator=torch.Generator().manual_seed(EVAL_SEED)))
+    extractor = make_features(getattr(eval_cfg, "features", "auto"), dataset.shape, inception)
+    if extractor is not None and getattr(dataset, "data", None) is not None:
+        metrics.update(dataset_feature_metrics(samples, dataset, extractor, getattr(eval_cfg, "prdc_k", 5),
+                                               fid_ref if extractor.name == "inception" else "", seed=EVAL_SEED))
     if dataset.name == "mnist":
         from fastonestep.eval.mnist_features import class_coverage, get_mnist_classifier, mnist_fd
 
         model = get_mnist_classifier()
-        metrics.update(mnist_fd=float(mnist_fd(samples, dataset.data, model=model)), **class_coverage(model, samples))
-    if eval_cfg is not None and eval_cfg.inception:
+        if "mnist_fd" not in metrics:  # features other than mnist were chosen: keep the MNIST FD anyway
+            metrics["mnist_fd"] = float(mnist_fd(samples, dataset.data, model=model))
+        metrics.update(class_coverage(model, samples))
+    if inception and "fid" not in metrics:
         from fastonestep.eval.inception import fid_from_images
 
-        ref = eval_cfg.fid_ref or dataset.data
-        metrics["fid"] = float(fid_from_images(samples, ref, eval_cfg.inception))
+        metrics["fid"] = float(fid_from_images(samples, fid_ref or dataset.data, inception))
     return metrics
 
 
@@ -65,8 +78,9 @@ def write_samples_png(samples: torch.Tensor, dataset, path: str, grid: int) -> N
         save_image_grid(samples[: grid * grid], path, nrow=grid)
 
 
-def evaluate(method, dataset, cfg, run_dir: str, progress=print) -> dict:
-    """Runs every sampler of the method; the first one is the run's model and gives samples.png."""
+def evaluate(method, dataset, cfg, run_dir: str, progress=print, on_samples=None) -> dict:
+    """Runs every sampler of the method; the first one is the run's model and gives samples.png.
+    on_samples(name, samples), if given, sees every generated set (e.g. to save its feature statistics)."""
     device = method.device
     metrics = {}
     known = method.known_metrics()
@@ -79,6 +93,8 @@ def evaluate(method, dataset, cfg, run_dir: str, progress=print) -> dict:
         samples = generate(sampler, cfg.eval.num_samples, dataset.shape, method.num_classes, device,
                            cfg.eval.batch_size)
         gen_time = time.perf_counter() - t0
+        if on_samples is not None:
+            on_samples(name, samples)
         if i == 0:
             write_samples_png(samples, dataset, os.path.join(run_dir, "samples.png"), cfg.eval.grid)
         else:

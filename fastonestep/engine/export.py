@@ -13,15 +13,26 @@ import torch
 from safetensors.torch import load_file, save_file, safe_open
 
 from fastonestep.engine.checkpoint import CheckpointError, atomic_path
-from fastonestep.networks.build import build_denoiser
+from fastonestep.networks.build import build_denoiser, build_ratio
 
 UNET_KEYS = ("channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
 MLP_KEYS = ("hidden", "depth", "emb_dim")
 
 
+EDM2_KEYS = ("size", "channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
+
+
 def network_spec(net_cfg) -> dict:
-    """The architecture-defining subset of a NetworkConfig, as {"kind", "arch"}."""
+    """The architecture-defining subset of a NetworkConfig, as {"kind", "arch"}. For edm2, `size` is
+    resolved into `channels` here, so the spec (and an exported file) states the width it was built with."""
     d = dataclasses.asdict(net_cfg) if dataclasses.is_dataclass(net_cfg) else dict(net_cfg)
+    if d["kind"] == "edm2":
+        from fastonestep.config import NetworkConfig
+        from fastonestep.networks.edm2 import edm2_channels
+
+        arch = {k: d[k] for k in EDM2_KEYS}
+        arch["channels"] = edm2_channels(arch["size"], arch["channels"], default_channels=NetworkConfig().channels)
+        return {"kind": "edm2", "arch": arch}
     keys = UNET_KEYS if d["kind"] == "unet" else MLP_KEYS
     return {"kind": d["kind"], "arch": {k: d[k] for k in keys}}
 
@@ -52,12 +63,13 @@ def model_path(path: str) -> str:
 
 
 def load_model(path: str, device="cpu"):
-    """Returns (EDMPrecond denoiser/generator in eval mode, info); `path` is a run directory or a model file."""
+    """Returns (network in eval mode, info); `path` is a run directory or a model file. A denoiser/generator
+    comes back as EDMPrecond; a file with role "ratio" (DiffRatio's ratio.safetensors) as RatioPrecond."""
     path = model_path(path)
     info = read_info(path)
     spec = info["network"]
-    net = build_denoiser(spec["kind"], tuple(info["data_shape"]), info["num_classes"], info["sigma_data"],
-                         **spec["arch"])
+    build = build_ratio if info.get("role") == "ratio" else build_denoiser
+    net = build(spec["kind"], tuple(info["data_shape"]), info["num_classes"], info["sigma_data"], **spec["arch"])
     try:
         net.load_state_dict(load_file(path))
     except RuntimeError as e:

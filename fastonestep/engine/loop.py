@@ -16,17 +16,18 @@ import torch
 import yaml
 
 from fastonestep.config import Config, ConfigError, save_config, to_dict, flatten
-from fastonestep.data import make_dataset
-from fastonestep.engine.checkpoint import (atomic_write_json, latest_checkpoint, load_checkpoint,
-                                           save_checkpoint)
+from fastonestep.data.loaders import make_loader, open_dataset
+from fastonestep.engine.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint
+from fastonestep.engine.distributed import make_backend
 from fastonestep.engine.evaluate import evaluate
 from fastonestep.engine.export import export_model, network_spec
-from fastonestep.engine.loader import EpochLoader
+from fastonestep.engine.periodic_eval import eval_due, periodic_eval, truncate_eval_log
 from fastonestep.engine.stats import StatsLogger, truncate_stats
 from fastonestep.methods import make_method
 
 # Keys that may change between a run and its resume: how long and how verbosely, not what is trained.
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.device", "train.threads")
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.device", "train.threads",
+                     "train.eval_every_kimg", "train.batch_per_gpu")
 
 
 def pick_device(name: str) -> torch.device:
@@ -57,15 +58,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(cfg: Config):
-    """Dataset and method for a config (also used by `fastonestep eval`)."""
-    device = pick_device(cfg.train.device)
+def build(cfg: Config, backend=None):
+    """Dataset and method for a config (also used by `fastonestep eval`); backend None = single process."""
+    device = backend.device if backend is not None else pick_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
     d = cfg.data
-    dataset = make_dataset(d.kind, name=d.name, path=d.path, resolution=d.resolution, size=d.size, seed=cfg.seed)
-    return dataset, make_method(cfg, dataset, device)
+    dataset = open_dataset(cfg)  # in memory, or a file list for the streaming loaders (data.loader)
+    _check_data_promises(d, dataset)
+    return dataset, make_method(cfg, dataset, device, backend)
+
+
+def _check_data_promises(d, dataset) -> None:
+    """data.shape / data.num_classes (used by the dry run) must describe the data actually loaded."""
+    if d.shape and tuple(d.shape) != tuple(dataset.shape):
+        raise ConfigError(f"config key 'data.shape' is {list(d.shape)} but the dataset's samples have shape "
+                          f"{list(dataset.shape)}")
+    if d.num_classes and d.num_classes != dataset.num_classes:
+        raise ConfigError(f"config key 'data.num_classes' is {d.num_classes} but the dataset has "
+                          f"{dataset.num_classes} classes")
 
 
 def model_info(cfg: Config, method, dataset) -> dict:
@@ -75,17 +87,30 @@ def model_info(cfg: Config, method, dataset) -> dict:
         info.update({k: method.teacher_info[k] for k in ("network", "sigma_data")})
     if hasattr(method, "export_info"):
         info.update(method.export_info())
+    if cfg.data.kind == "latent":  # lets `fastonestep sample --vae` decode
+        from fastonestep.data.latents import latent_model_info
+
+        info.update(latent_model_info(cfg.data))
     return info
 
 
 def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
+    """Every rank of a torchrun / deepspeed launch calls this; rank 0 alone writes files (config, stats,
+    checkpoints, exports, metrics) and evaluates, the others wait and return rank 0's metrics."""
+    backend = make_backend(cfg)  # distributed.backend; process group from the launcher environment
+    backend.run_dir = run_dir
+    main = backend.is_main
+    log = log if main else (lambda *_: None)
+    progress = progress and main
     os.makedirs(run_dir, exist_ok=True)
     _check_same_run(cfg, run_dir)
     metrics_path = os.path.join(run_dir, "metrics.json")
-    dataset, method = build(cfg)
-    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    dataset, method = build(cfg, backend)
+    backend.barrier()  # every rank has compared the saved config before rank 0 rewrites it
+    if main:
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
 
-    loader = EpochLoader(dataset.data, dataset.labels, cfg.train.batch_size, cfg.seed, method.device)
+    loader = make_loader(cfg, dataset, method.device, backend.rank, backend.world_size)
     start = 0
     ckpt_path = latest_checkpoint(run_dir)
     if ckpt_path:
@@ -94,43 +119,60 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
-        truncate_stats(run_dir, start)
+        if main:
+            truncate_stats(run_dir, start)
         log(f"resuming from {ckpt_path} (step {start})")
+    if main:
+        truncate_eval_log(run_dir, start)  # also on a fresh start: lines of an attempt that never checkpointed
+    backend.barrier()
     if start >= cfg.train.steps and os.path.exists(metrics_path):
         log(f"run '{run_dir}' is complete ({start} steps); metrics in {metrics_path}")
         with open(metrics_path, encoding="utf-8") as f:
             return json.load(f)
 
     log(f"parameters: {method.parameter_counts}")
-    stats = StatsLogger(run_dir, method.device)
+    stats = StatsLogger(run_dir, method.device, backend)
     bar = _progress_bar(start, cfg.train.steps, progress)
     t_start = time.perf_counter()
     batch = cfg.train.batch_size
     for step in range(start, cfg.train.steps):
-        row = method.step(loader.next, step, step * batch)
+        with backend.autocast():
+            row = method.step(loader.next, step, step * batch)
         stats.add(row, batch)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             line = stats.flush(done, done * batch)
             if bar is not None:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in line.items() if ("loss" in k or "accuracy" in k) and v is not None})
+        if eval_due(done, batch, cfg.train.eval_every_kimg):  # before the checkpoint: a crash re-runs it
+            if main:  # evaluation reads the EMA, a full copy on every rank: no collective inside
+                row = periodic_eval(method, dataset, cfg, run_dir, done, done * batch)
+                stats.t0 += row["seconds"]  # evaluation time is not training time: keep it out of images/s
+            backend.barrier()
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            save_checkpoint(run_dir, done, {"step": done, "method": method.state_dict(),
-                                            "loader": loader.state_dict(), "torch_rng": torch.get_rng_state()})
+            backend.save_checkpoint(run_dir, done, lambda: {
+                "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
+                "torch_rng": torch.get_rng_state()})
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - t_start
 
-    export_model(os.path.join(run_dir, "model.safetensors"), method.export_network(),
-                 model_info(cfg, method, dataset))
-    metrics = evaluate(method, dataset, cfg, run_dir, progress=log)
-    metrics["parameters"] = method.parameter_counts
-    metrics["train_seconds_this_session"] = train_seconds
-    metrics["steps"] = cfg.train.steps
-    atomic_write_json(metrics_path, metrics)
-    return metrics
+    with backend.gathered():  # ZeRO-3: trained networks whole on every rank (collective) for the exports
+        if main:
+            export_model(os.path.join(run_dir, "model.safetensors"), method.export_network(),
+                         model_info(cfg, method, dataset))
+            for name, (module, info) in method.export_extra().items():  # e.g. DiffRatio's ratio net (verifier)
+                export_model(os.path.join(run_dir, f"{name}.safetensors"), module, info)
+    metrics = None
+    if main:
+        metrics = evaluate(method, dataset, cfg, run_dir, progress=log)
+        metrics["parameters"] = method.parameter_counts
+        metrics["train_seconds_this_session"] = train_seconds
+        metrics["steps"] = cfg.train.steps
+        atomic_write_json(metrics_path, metrics)
+    return backend.broadcast_object(metrics)
 
 
 def _progress_bar(start: int, total: int, enabled: bool):

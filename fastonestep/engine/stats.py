@@ -17,17 +17,25 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss_kb / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+SUMMED_OVER_RANKS = ("nonfinite_samples",)  # key suffixes of per-rank counts (summed, not averaged, over ranks)
+
+
 class StatsLogger:
     """Accumulates per-step scalars and appends one JSON line per log interval to stats.jsonl.
 
     Values may be python numbers or 0-d tensors. Tensors are summed where they live, so a training step
     never waits for the device; the one synchronisation happens at `flush`. Non-finite values are left
     out of the means and counted under "nonfinite/<name>".
+
+    With a distributed `backend` every rank calls `flush` (one all-reduce): a logged value is the mean over
+    ranks and steps (counts such as "*nonfinite_samples" are summed over ranks), peak memory the maximum over
+    ranks, and only rank 0 writes the file. Every rank must log the same keys (they run the same code).
     """
 
-    def __init__(self, run_dir: str, device: torch.device):
+    def __init__(self, run_dir: str, device: torch.device, backend=None):
         self.path = os.path.join(run_dir, "stats.jsonl")
         self.device = device
+        self.backend = backend
         self._reset()
 
     def _reset(self):
@@ -46,20 +54,38 @@ class StatsLogger:
     def flush(self, step: int, nimg: int) -> dict:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         row = {"step": step, "kimg": nimg / 1000}
-        for k in sorted(self.sums):
-            count = int(self.counts[k])
-            total = float(self.sums[k])
-            row[k] = total / count if count else None
-            if count < self.adds[k]:
-                row["nonfinite/" + k] = self.adds[k] - count
+        keys = sorted(self.sums)
+        sums, counts, adds = self._reduced(keys)
+        world = self.backend.world_size if self.backend is not None else 1
+        for k, total, count, added in zip(keys, sums, counts, adds):
+            count, added = int(round(count)), int(round(added))
+            row[k] = total / count * (world if k.endswith(SUMMED_OVER_RANKS) else 1) if count else None
+            if count < added:
+                row["nonfinite/" + k] = added - count
         row["images_per_sec"] = self.images / dt
         row["sec_per_kimg"] = dt / max(self.images / 1000, 1e-9)
-        row["peak_memory_mb"] = peak_memory_mb(self.device)
+        peak = peak_memory_mb(self.device)
+        if world > 1:
+            peak = float(self.backend.all_reduce(torch.tensor([peak], dtype=torch.float64, device=self.device),
+                                                 "max"))
+        row["peak_memory_mb"] = peak
         row["time"] = time.time()
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.backend is None or self.backend.is_main:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
         self._reset()
         return row
+
+    def _reduced(self, keys):
+        """(sums, finite counts, adds) per key as python floats, summed over ranks."""
+        columns = [[self.sums[k] for k in keys], [self.counts[k] for k in keys], [self.adds[k] for k in keys]]
+        if self.backend is None or self.backend.world_size == 1 or not keys:
+            return [[float(v) for v in col] for col in columns]
+        packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(())
+                              for col in columns for v in col])
+        packed = self.backend.all_reduce(packed).tolist()
+        n = len(keys)
+        return packed[:n], packed[n:2 * n], packed[2 * n:]
 
 
 def truncate_stats(run_dir: str, step: int) -> None:

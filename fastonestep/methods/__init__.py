@@ -1,11 +1,26 @@
 """Training methods, one module each. A method owns its networks, optimisers, EMA and RNG and says which
 network trains on which loss in each phase of its `step`."""
+from fastonestep.config import ConfigError
+from fastonestep.methods.backward import BackwardDistillation
 from fastonestep.methods.base import Method
 from fastonestep.methods.diffratio import DiffRatio
+from fastonestep.methods.dmd import DMD
+from fastonestep.methods.dpdmd import DPDMD
 from fastonestep.methods.edm import EDMPretrain
 
-METHODS = {"edm": EDMPretrain, "diffratio": DiffRatio}
+METHODS = {"edm": EDMPretrain, "diffratio": DiffRatio, "dmd": DMD, "dpdmd": DPDMD,
+           "backward": BackwardDistillation}
 
 
-def make_method(cfg, dataset, device) -> Method:
-    return METHODS[cfg.method](cfg, dataset, device)
+def make_method(cfg, dataset, device, backend=None) -> Method:
+    """`backend` (fastonestep.engine.distributed): None = the single-process backend."""
+    cls = METHODS[cfg.method]
+    if cls.supports_distributed:
+        return cls(cfg, dataset, device, backend=backend)
+    kind = cfg.distributed.backend
+    if kind != "single" or (backend is not None and backend.world_size > 1):
+        raise ConfigError(f"method '{cfg.method}' does not support distributed.backend='{kind}' yet")
+    if cfg.train.batch_per_gpu and cfg.train.batch_per_gpu != cfg.train.batch_size:
+        raise ConfigError(f"method '{cfg.method}' does not support gradient accumulation "
+                          "(config key 'train.batch_per_gpu') yet")
+    return cls(cfg, dataset, device)

@@ -2,35 +2,15 @@
 interface the engine drives (step, state_dict, samplers for evaluation)."""
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import nn
 
-from fastonestep.config import Config, OptimConfig
+from fastonestep.config import Config
 from fastonestep.diffusion.schedules import sample_lognormal_sigma
-
-
-def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-
-
-def optimizer_step(opt: torch.optim.Optimizer, net: nn.Module, cfg: OptimConfig, step: int) -> float:
-    """Warm-up, clip, NaN guard, step. Returns the pre-clip gradient norm (inf/nan: the step was skipped).
-
-    The finiteness check is the one host synchronisation of a step: skipping a bad update has to be decided
-    before Adam's moments see it. Everything else a step reports stays on the device until a log line."""
-    params = [p for p in net.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    norm = float(norm)
-    if math.isfinite(norm):
-        scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * scale
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm
+# The single-process recipe (methods not yet on the Trainable API use these directly; the backends too).
+from fastonestep.engine.distributed import Backend, make_optimizer, optimizer_step  # noqa: F401
 
 
 def sample_sigma(n: int, p_mean: float, p_std: float, lo: float, hi: float, rng: torch.Generator, device):
@@ -43,8 +23,15 @@ class Method:
 
     name = "base"
 
-    def __init__(self, cfg: Config, dataset, device: torch.device):
+    # Methods on the Trainable API (backend.trainable, the *_global helpers, micro_chunks) set this True;
+    # the others run on the single backend only (make_method refuses ddp / deepspeed / batch_per_gpu).
+    supports_distributed = False
+
+    def __init__(self, cfg: Config, dataset, device: torch.device, backend: Backend | None = None):
         self.cfg, self.dataset, self.device = cfg, dataset, device
+        self.backend = backend if backend is not None else Backend(cfg, device)
+        self.rank, self.world_size = self.backend.rank, self.backend.world_size
+        self.global_batch, self.local_batch = self.backend.global_batch, self.backend.local_batch
         self.rng = torch.Generator(device=device).manual_seed(cfg.seed)
         self.conditional = bool(cfg.data.class_conditional)
         if self.conditional and not dataset.num_classes:
@@ -68,6 +55,11 @@ class Method:
         """The network a user samples from (EMA weights)."""
         raise NotImplementedError
 
+    def export_extra(self) -> dict:
+        """Networks exported next to model.safetensors at the end of a run: {file stem: (module, info)}, info
+        being the self-describing metadata export_model stores (e.g. DiffRatio's ratio network)."""
+        return {}
+
     def samplers(self) -> dict[str, Callable]:
         """Named samplers for evaluation: fn(noise, labels) -> samples. The first is the run's model."""
         raise NotImplementedError
@@ -84,6 +76,50 @@ class Method:
 
     def noise_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.rng, device=x.device, dtype=x.dtype)
+
+    # -- global-batch randomness and accumulation ----------------------------------------------------------
+    # Every rank draws the randomness of the WHOLE global batch from the same seeded generator (the same calls,
+    # in the same order, as one process would make) and keeps its contiguous slice, so N processes follow the
+    # single-process trajectory. The cost is drawing global-batch noise on every rank (cheap next to a step).
+    def local(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This rank's contiguous slice of a global-batch tensor along `dim`."""
+        if self.world_size == 1:
+            return t
+        if t.shape[dim] != self.global_batch:
+            raise ValueError(f"local(): dimension {dim} has size {t.shape[dim]}, not the global batch "
+                             f"{self.global_batch}")
+        return t.narrow(dim, self.rank * self.local_batch, self.local_batch)
+
+    def randn_global(self, *shape, groups: int = 0) -> torch.Tensor:
+        """N(0, I) of shape (global_batch, *shape), or (groups, global_batch, *shape) drawn as one
+        (groups * global_batch, *shape) draw; returns this rank's slice of the batch dimension."""
+        n = self.global_batch
+        if groups:
+            full = torch.randn((groups * n, *shape), generator=self.rng, device=self.device).view(groups, n, *shape)
+            return self.local(full, dim=1)
+        return self.local(torch.randn((n, *shape), generator=self.rng, device=self.device))
+
+    def sample_sigma_global(self, p_mean: float, p_std: float, lo: float, hi: float) -> torch.Tensor:
+        """Clipped log-normal noise levels of the global batch; this rank's slice."""
+        return self.local(sample_sigma(self.global_batch, p_mean, p_std, lo, hi, self.rng, self.device))
+
+    def random_labels_global(self):
+        labels = self.random_labels(self.global_batch)
+        return None if labels is None else self.local(labels)
+
+    def micro_chunks(self) -> list[tuple[slice, float | None]]:
+        """(slice of the local batch, loss weight) per accumulation round. The weight makes the gradients of
+        all chunks of all ranks sum to the global-batch mean (the ranks' gradients are averaged); it is None
+        for a single chunk, where no scaling is needed."""
+        micro = self.backend.micro_batch
+        rounds = self.local_batch // micro
+        if rounds == 1:
+            return [(slice(0, self.local_batch), None)]
+        return [(slice(i * micro, (i + 1) * micro), micro / self.local_batch) for i in range(rounds)]
+
+    @staticmethod
+    def weighted(value: torch.Tensor, weight: float | None) -> torch.Tensor:
+        return value if weight is None else value * weight
 
     def rng_state(self) -> dict:
         return {"rng": self.rng.get_state()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import torch
@@ -19,27 +20,48 @@ from fastonestep import losses
 from fastonestep.diffusion.samplers import edm_sample, student_sample
 from fastonestep.engine.ema import EMA
 from fastonestep.engine.export import load_model
-from fastonestep.methods.base import Method, make_optimizer, optimizer_step, sample_sigma
+from fastonestep.engine.memory import training_state_bytes
+from fastonestep.methods.base import Method, sample_sigma
 from fastonestep.networks.build import build_ratio, count_parameters
+
+
+_COUNTS = ("gen/nonfinite_samples",)  # summed over accumulation chunks (the other stats are weighted means)
+
+
+def _accumulate(total: dict, chunk: dict) -> None:
+    for k, v in chunk.items():
+        total[k] = v if k not in total else total[k] + v
 
 
 class DiffRatio(Method):
     name = "diffratio"
 
-    def __init__(self, cfg, dataset, device):
-        super().__init__(cfg, dataset, device)
+    supports_distributed = True
+
+    def __init__(self, cfg, dataset, device, backend=None):
+        super().__init__(cfg, dataset, device, backend)
         dr = cfg.diffratio
         teacher, self.teacher_info = load_model(cfg.teacher, device)
         self._check_teacher(dataset)
         self.sigma_data = self.teacher_info["sigma_data"]
         self.generator = copy.deepcopy(teacher).train().requires_grad_(True)
         self.ratio = self._build_ratio(teacher).to(device)
-        self.opt_g = make_optimizer(self.generator.parameters(), cfg.optim)
-        self.opt_r = make_optimizer(self.ratio.parameters(), dr.ratio_optim)
         self.ema = EMA(self.generator, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup)
+        # Memory next to the networks the ratio net replaces (generator excluded, exact from parameter counts
+        # and dtypes): the ratio net trains with Adam; DMD/VSD would hold a frozen teacher plus a fake score
+        # network (a teacher copy) that trains with Adam.
+        ratio_bytes = training_state_bytes(self.ratio)["total"]
+        score_bytes = (training_state_bytes(teacher, trainable=False)["total"]
+                       + training_state_bytes(teacher, trainable=True)["total"])
         self.parameter_counts = {"generator": count_parameters(self.generator),
                                  "ratio": count_parameters(self.ratio),
-                                 "replaced_score_networks": 2 * count_parameters(teacher)}
+                                 "replaced_score_networks": 2 * count_parameters(teacher),
+                                 "ratio_train_bytes": ratio_bytes,
+                                 "replaced_score_networks_train_bytes": score_bytes}
+        # One engine per trainable network, created after everything that reads full parameters (ZeRO-3
+        # shards them here); self.generator / self.ratio stay the plain networks (frozen use, sampling).
+        self.gen = self.backend.trainable("generator", self.generator, cfg.optim)
+        self.ratio_t = self.backend.trainable("ratio", self.ratio, dr.ratio_optim)
 
     # -- construction -------------------------------------------------------------------------------------
     def _check_teacher(self, dataset):
@@ -54,17 +76,22 @@ class DiffRatio(Method):
     def _build_ratio(self, teacher):
         rn = self.cfg.diffratio.ratio_net
         spec = self.teacher_info["network"]
-        kind = rn.kind if rn.kind != "auto" else ("encoder" if spec["kind"] == "unet" else "mlp")
+        kind = rn.kind if rn.kind != "auto" else ("encoder" if spec["kind"] in ("unet", "edm2") else "mlp")
         if kind == "encoder":
-            if spec["kind"] != "unet":
-                raise ValueError("config key 'diffratio.ratio_net.kind=encoder' needs a UNet teacher")
+            if spec["kind"] not in ("unet", "edm2"):
+                raise ValueError("config key 'diffratio.ratio_net.kind=encoder' needs a UNet or EDM2 teacher")
             arch = dict(spec["arch"])
             if rn.head_channels:
                 arch["head_channels"] = rn.head_channels
         else:
             arch = {"hidden": rn.hidden, "depth": rn.depth}
         init_from = teacher if (rn.init == "teacher" and kind == "encoder") else None
-        return build_ratio(kind, tuple(self.dataset.shape), self.num_classes, self.sigma_data,
+        # "encoder" means the teacher's own encoder half: for an EDM2 teacher that is the MP EDM2 encoder.
+        build_kind = "edm2_encoder" if (kind == "encoder" and spec["kind"] == "edm2") else kind
+        # What rebuilds this network without the teacher (ratio.safetensors): `arch` holds the teacher's full
+        # architecture, so the keys init_from would fill in are the same defaults a rebuild gets.
+        self.ratio_spec = {"kind": build_kind, "arch": arch}
+        return build_ratio(build_kind, tuple(self.dataset.shape), self.num_classes, self.sigma_data,
                            init_from=init_from, **arch)
 
     # -- training -----------------------------------------------------------------------------------------
@@ -77,30 +104,46 @@ class DiffRatio(Method):
         mean, std = (dr.ratio_p_mean, dr.ratio_p_std) if which == "ratio" else (dr.gen_p_mean, dr.gen_p_std)
         return sample_sigma(n, mean, std, dr.sigma_min, dr.sigma_max, self.rng, self.device)
 
-    def ratio_step(self, x_real, labels_real, step):
-        n = x_real.shape[0]
-        labels_gen = self.random_labels(n)
-        with torch.no_grad():
-            x_gen = self.generate(self.generator, n, labels_gen)
-        x = torch.cat([x_gen, x_real])
-        sigma = torch.cat([self._sigma(n, "ratio"), self._sigma(n, "ratio")])
-        x_t = losses.add_noise(x, 1.0, sigma, noise=self.noise_like(x), impl=self.impl)
-        labels = None if labels_gen is None else torch.cat([labels_gen, labels_real])
-        logits = self.ratio(x_t, sigma, labels)
-        l_gen, l_real = logits[:n], logits[n:]
-        loss = losses.ratio_classifier_loss(l_gen, l_real, impl=self.impl)
-        loss.backward()
-        grad_norm = optimizer_step(self.opt_r, self.ratio, self.cfg.diffratio.ratio_optim, step)
-        acc = 0.5 * ((l_gen > 0).float().mean() + (l_real < 0).float().mean())
-        return {"ratio/loss": loss.detach(), "ratio/accuracy": acc, "ratio/logit_gen": l_gen.mean().detach(),
-                "ratio/logit_real": l_real.mean().detach(), "grad_norm/ratio": grad_norm}
+    def _sigma_global(self, which: str):
+        """_sigma of the whole global batch (same draw as one process makes); this rank's slice."""
+        return self.local(self._sigma(self.global_batch, which))
 
-    def generator_loss(self, x: torch.Tensor, labels=None):
-        """The DiffRatio generator loss for generator outputs x (ratio network frozen). Returns (loss, stats)."""
+    def ratio_step(self, x_real, labels_real, step):
+        """x_real: this rank's slice of the global batch. Randomness is drawn for the global batch in the
+        order of the single-process step (labels, z, sigma of each half, noise of both halves)."""
+        labels_gen = self.random_labels_global()
+        z = self.randn_global(*self.dataset.shape)
+        with torch.no_grad():  # the generator only samples here: no engine, no gradients
+            x_gen = student_sample(self.generator, z, [self.cfg.diffratio.sigma_g], labels=labels_gen)
+        sigma_gen, sigma_real = self._sigma_global("ratio"), self._sigma_global("ratio")
+        noise = self.randn_global(*self.dataset.shape, groups=2)  # [0]: generated half, [1]: real half
+        stats = {}
+        for chunk, w in self.micro_chunks():
+            m = x_gen[chunk].shape[0]
+            x = torch.cat([x_gen[chunk], x_real[chunk]])
+            sigma = torch.cat([sigma_gen[chunk], sigma_real[chunk]])
+            x_t = losses.add_noise(x, 1.0, sigma, noise=torch.cat([noise[0][chunk], noise[1][chunk]]),
+                                   impl=self.impl)
+            labels = None if labels_gen is None else torch.cat([labels_gen[chunk], labels_real[chunk]])
+            logits = self.ratio_t.module(x_t, sigma, labels)
+            l_gen, l_real = logits[:m], logits[m:]
+            loss = self.weighted(losses.ratio_classifier_loss(l_gen, l_real, impl=self.impl), w)
+            self.ratio_t.backward(loss)
+            acc = 0.5 * ((l_gen > 0).float().mean() + (l_real < 0).float().mean())
+            _accumulate(stats, {"ratio/loss": loss.detach(), "ratio/accuracy": self.weighted(acc, w),
+                                "ratio/logit_gen": self.weighted(l_gen.mean().detach(), w),
+                                "ratio/logit_real": self.weighted(l_real.mean().detach(), w)})
+        stats["grad_norm/ratio"] = self.ratio_t.step(step)
+        return stats
+
+    def generator_loss(self, x: torch.Tensor, labels=None, sigma=None, noise=None):
+        """The DiffRatio generator loss for generator outputs x (ratio network frozen). Returns (loss, stats).
+        sigma / noise: pre-drawn (global-batch slices); drawn here, in that order, when not given."""
         dr = self.cfg.diffratio
-        sigma = self._sigma(x.shape[0], "gen")
+        sigma = self._sigma(x.shape[0], "gen") if sigma is None else sigma
         weight = sigma.square() if dr.weighting == "sigma2" else None
-        x_t = losses.add_noise(x, 1.0, sigma, noise=self.noise_like(x), impl=self.impl)
+        noise = self.noise_like(x) if noise is None else noise
+        x_t = losses.add_noise(x, 1.0, sigma, noise=noise, impl=self.impl)
         if dr.realisation == "logit":
             # 4.1(a): sum_i sg(w_i h_i) l_i, backpropagated through c into G.
             logits = self.ratio(x_t, sigma, labels)
@@ -121,18 +164,25 @@ class DiffRatio(Method):
                       "gen/grad_magnitude": logit_grad.abs().mean()}
 
     def generator_step(self, step, nimg):
-        n = self.cfg.train.batch_size
-        labels = self.random_labels(n)
-        self.ratio.requires_grad_(False)  # frozen parameters; gradients still flow through its input
-        try:
-            x = self.generate(self.generator, n, labels)
-            loss, stats = self.generator_loss(x, labels)
-            loss.backward()
-        finally:
-            self.ratio.requires_grad_(True)
-        grad_norm = optimizer_step(self.opt_g, self.generator, self.cfg.optim, step)
-        self.ema.update(self.generator, nimg + n, n)
-        return {"gen/loss": loss.detach(), "grad_norm/generator": grad_norm, **stats}
+        n = self.global_batch
+        labels = self.random_labels_global()
+        z = self.randn_global(*self.dataset.shape)
+        sigma, noise = self._sigma_global("gen"), self.randn_global(*self.dataset.shape)
+        stats = {}
+        # The loss backpropagates THROUGH the ratio network into G: its parameters are frozen meanwhile, so no
+        # gradient lands on them and its engine neither accumulates nor reduces anything.
+        with self.ratio_t.frozen():
+            for chunk, w in self.micro_chunks():
+                lab = None if labels is None else labels[chunk]
+                x = student_sample(self.gen.module, z[chunk], [self.cfg.diffratio.sigma_g], labels=lab)
+                loss, chunk_stats = self.generator_loss(x, lab, sigma[chunk], noise[chunk])
+                loss = self.weighted(loss, w)
+                self.gen.backward(loss)
+                _accumulate(stats, {"gen/loss": loss.detach(),
+                                    **{k: v if k in _COUNTS else self.weighted(v, w) for k, v in chunk_stats.items()}})
+        stats["grad_norm/generator"] = self.gen.step(step)
+        self.ema.update_from(self.gen, nimg + n, n)
+        return stats
 
     def step(self, next_batch, step, nimg):
         stats = {}
@@ -144,15 +194,12 @@ class DiffRatio(Method):
 
     # -- persistence and evaluation -----------------------------------------------------------------------
     def state_dict(self):
-        return {"generator": self.generator.state_dict(), "ratio": self.ratio.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_r": self.opt_r.state_dict(), "ema": self.ema.state_dict(),
-                **self.rng_state()}
+        return {"generator": self.gen.state_dict(), "ratio": self.ratio_t.state_dict(),
+                "ema": self.ema.state_dict(), **self.rng_state()}
 
     def load_state_dict(self, state):
-        self.generator.load_state_dict(state["generator"])
-        self.ratio.load_state_dict(state["ratio"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_r.load_state_dict(state["opt_r"])
+        self.gen.load_state_dict(state["generator"])
+        self.ratio_t.load_state_dict(state["ratio"])
         self.ema.load_state_dict(state["ema"])
         self.load_rng_state(state)
 
@@ -194,3 +241,17 @@ class DiffRatio(Method):
 
     def export_info(self) -> dict:
         return {"role": "generator", "sigma_g": [self.cfg.diffratio.sigma_g]}
+
+    def verifier_sigma(self) -> float:
+        """Default noise level of verifier sampling: small, yet where the classifier saw many samples (one
+        standard deviation below the mean of its ln sigma), clipped to [sigma_min, sigma_max]."""
+        dr = self.cfg.diffratio
+        return float(min(max(math.exp(dr.ratio_p_mean - dr.ratio_p_std), dr.sigma_min), dr.sigma_max))
+
+    def export_extra(self) -> dict:
+        """ratio.safetensors: the ratio network, loadable on its own for verifier sampling (design 4.1)."""
+        info = {"method": self.name, "role": "ratio", "network": self.ratio_spec,
+                "data_shape": list(self.dataset.shape), "num_classes": self.num_classes,
+                "sigma_data": self.sigma_data, "verifier_sigma": self.verifier_sigma(),
+                "divergence": self.cfg.diffratio.divergence}
+        return {"ratio": (self.ratio, info)}

@@ -5,46 +5,66 @@ ln sigma ~ N(P_mean, P_std^2). Evaluation samples with Heun/Euler on the Karras 
 """
 from __future__ import annotations
 
+from torch import nn
+
 from fastonestep import losses
 from fastonestep.diffusion.samplers import edm_sample
 from fastonestep.diffusion.schedules import sample_lognormal_sigma
 from fastonestep.engine.ema import EMA
-from fastonestep.methods.base import Method, make_optimizer, optimizer_step
+from fastonestep.methods.base import Method
 from fastonestep.networks.build import build_denoiser, count_parameters
 from fastonestep.engine.export import network_spec
 
 
+class _RawDenoiser(nn.Module):
+    """Training view of an EDMPrecond whose forward is `raw` (F only): the loss is taken in F-space, and the
+    training forward must be a module call so a DeepSpeed engine can wrap it."""
+
+    def __init__(self, precond: nn.Module):
+        super().__init__()
+        self.precond = precond
+
+    def forward(self, x, sigma, labels=None):
+        return self.precond.raw(x, sigma, labels)[0]
+
+
 class EDMPretrain(Method):
     name = "edm"
+    supports_distributed = True
 
-    def __init__(self, cfg, dataset, device):
-        super().__init__(cfg, dataset, device)
+    def __init__(self, cfg, dataset, device, backend=None):
+        super().__init__(cfg, dataset, device, backend)
         self.net = build_denoiser(cfg.network.kind, tuple(dataset.shape), self.num_classes,
                                   cfg.diffusion.sigma_data, **network_spec(cfg.network)["arch"]).to(device)
-        self.opt = make_optimizer(self.net.parameters(), cfg.optim)
+        self.parameter_counts = {"denoiser": count_parameters(self.net)}  # before ZeRO-3 shards it
         self.ema = EMA(self.net, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup)
-        self.parameter_counts = {"denoiser": count_parameters(self.net)}
+        self.denoiser = self.backend.trainable("denoiser", _RawDenoiser(self.net), cfg.optim)
 
     def step(self, next_batch, step, nimg):
         d = self.cfg.diffusion
-        x0, labels = next_batch()
+        x0, labels = next_batch()  # this rank's slice of the global batch
         labels = labels if self.conditional else None
-        sigma = sample_lognormal_sigma(x0.shape[0], d.p_mean, d.p_std, generator=self.rng, device=self.device)
-        x_t = losses.add_noise(x0, 1.0, sigma, noise=self.noise_like(x0), impl=self.impl)
-        F, _, _ = self.net.raw(x_t, sigma, labels)
-        loss = losses.denoising_loss(F, x_t, x0, sigma, d.sigma_data, impl=self.impl).mean()
-        loss.backward()
-        grad_norm = optimizer_step(self.opt, self.net, self.cfg.optim, step)
-        self.ema.update(self.net, nimg + x0.shape[0], x0.shape[0])
-        return {"loss": loss.detach(), "grad_norm/denoiser": grad_norm}
+        sigma = self.local(sample_lognormal_sigma(self.global_batch, d.p_mean, d.p_std, generator=self.rng,
+                                                  device=self.device))
+        noise = self.randn_global(*x0.shape[1:])
+        total = 0.0
+        for chunk, weight in self.micro_chunks():
+            lab = None if labels is None else labels[chunk]
+            x_t = losses.add_noise(x0[chunk], 1.0, sigma[chunk], noise=noise[chunk], impl=self.impl)
+            F = self.denoiser.module(x_t, sigma[chunk], lab)
+            loss = self.weighted(losses.denoising_loss(F, x_t, x0[chunk], sigma[chunk], d.sigma_data,
+                                                       impl=self.impl).mean(), weight)
+            self.denoiser.backward(loss)
+            total = total + loss.detach()
+        grad_norm = self.denoiser.step(step)
+        self.ema.update_from(self.denoiser, nimg + self.global_batch, self.global_batch)
+        return {"loss": total, "grad_norm/denoiser": grad_norm}
 
     def state_dict(self):
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "ema": self.ema.state_dict(),
-                **self.rng_state()}
+        return {"denoiser": self.denoiser.state_dict(), "ema": self.ema.state_dict(), **self.rng_state()}
 
     def load_state_dict(self, state):
-        self.net.load_state_dict(state["net"])
-        self.opt.load_state_dict(state["opt"])
+        self.denoiser.load_state_dict(state["denoiser"])
         self.ema.load_state_dict(state["ema"])
         self.load_rng_state(state)
 

@@ -1,0 +1,178 @@
+"""Distributed backends on CPU (gloo, 2 processes via torchrun): a tiny DiffRatio toy job under ddp and
+DeepSpeed ZeRO-1/2/3 follows the single-process trajectory, with and without gradient accumulation; checkpoints
+round-trip under every backend; a run stopped after step 3 and resumed ends where the uninterrupted run ends;
+the ZeRO-3 export is the gathered EMA. One torchrun launch runs all distributed jobs (tests/distributed_worker.py).
+
+Tolerance for "same trajectory" (RTOL below): the distributed runs compute the same global-batch gradient in a
+different fp32 summation order (the mean of two rank means instead of one mean, the all-reduce, DeepSpeed's
+clip as a division), i.e. differences of ~1e-7 relative per step; over 6 Adam steps they stay below 1e-5
+relative on every logged loss and weight. 2e-5 leaves margin while a real semantic error (a wrong slice of the
+batch or of the noise, a missed reduction, a gradient leaking into the other network) changes the losses in
+the 3rd digit or more.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CONFIGS, TOY_STUDENT
+from fastonestep.config import ConfigError, load_config
+from fastonestep.engine.checkpoint import latest_checkpoint, load_checkpoint
+from fastonestep.engine.export import load_model
+from fastonestep.engine.loop import build, train
+
+try:
+    import deepspeed  # noqa: F401
+
+    HAVE_DEEPSPEED = True
+except ImportError:  # CI installs the [deepspeed] extra; elsewhere the DeepSpeed cases skip
+    HAVE_DEEPSPEED = False
+
+RTOL = 2e-5
+QUIET = dict(progress=False, log=lambda *_: None)
+PRESET = str(CONFIGS / "toy2d" / "diffratio.yaml")
+LOSSES = ("gen/loss", "ratio/loss", "ratio/accuracy", "gen/logit", "gen/grad_magnitude")
+DS = ["distributed.backend=deepspeed"]
+DDP = ["distributed.backend=ddp"]
+
+
+def base(teacher):
+    return TOY_STUDENT + [f"teacher={teacher}", "train.steps=6", "train.batch_size=64", "train.log_every=1",
+                          "train.checkpoint_every=2", "eval.num_samples=64", "eval.batch_size=64", "eval.grid=2",
+                          "optim.warmup_steps=2", "diffratio.ratio_steps=2"]
+
+
+# name -> (overrides, round trip check); "<name>-split" jobs stop at step 3 (checkpoints 2, 3) and are resumed
+# from step 3 to step 6 by the same command with train.steps=6.
+JOBS = {
+    "ddp": (DDP, True),
+    "ddp-accum": (DDP + ["train.batch_per_gpu=16"], False),
+    "zero1": (DS + ["distributed.zero_stage=1"], True),
+    "zero2": (DS + ["distributed.zero_stage=2"], True),
+    "zero3": (DS + ["distributed.zero_stage=3", f"distributed.deepspeed_config={CONFIGS}/deepspeed/zero3-cpu.json"],
+              True),
+    "zero2-accum": (DS + ["distributed.zero_stage=2", "train.batch_per_gpu=8"], False),
+}
+SPLIT = ("ddp", "zero3")
+
+
+def rows(run):
+    return [json.loads(line) for line in (Path(run) / "stats.jsonl").read_text().splitlines()]
+
+
+def trajectory(run):
+    return [{k: r[k] for k in LOSSES} | {"step": r["step"]} for r in rows(run)]
+
+
+def assert_close_trajectory(run, ref):
+    got, want = trajectory(run), trajectory(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
+    for g, w in zip(got, want):
+        for k in LOSSES:
+            assert g[k] == pytest.approx(w[k], rel=RTOL, abs=1e-7), (run, g["step"], k)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, toy_teacher):
+    """The single-process reference runs in this process, then every distributed job in one torchrun launch."""
+    root = tmp_path_factory.mktemp("distributed")
+    train(load_config(PRESET, base(toy_teacher)), str(root / "single"), **QUIET)
+    train(load_config(PRESET, base(toy_teacher) + ["train.batch_per_gpu=16"]), str(root / "single-accum"), **QUIET)
+    jobs = []
+    for name, (extra, check) in JOBS.items():
+        if "distributed.backend=deepspeed" in extra and not HAVE_DEEPSPEED:
+            continue
+        jobs.append({"run": str(root / name), "overrides": extra, "roundtrip": check})
+        if name in SPLIT:
+            split = str(root / f"{name}-split")
+            jobs += [{"run": split, "overrides": extra + ["train.steps=3"]}, {"run": split, "overrides": extra}]
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"preset": PRESET, "base": base(toy_teacher), "jobs": jobs}))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).parent / "distributed_worker.py"), str(spec)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return root
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_two_processes_follow_the_single_process_trajectory(runs, name):
+    if name.startswith("zero") and not HAVE_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install 'fastonestep[deepspeed]')")
+    assert_close_trajectory(runs / name, runs / "single")
+    ref = load_file(str(runs / "single" / "model.safetensors"))
+    got = load_file(str(runs / name / "model.safetensors"))
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=RTOL, atol=1e-6)
+
+
+def test_accumulation_keeps_the_trajectory(runs):
+    """batch_per_gpu changes only how the global batch is split into micro-chunks: same losses (in 1 process)."""
+    assert_close_trajectory(runs / "single-accum", runs / "single")
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero1", "zero2", "zero3"])
+def test_checkpoint_round_trip(runs, name):
+    if name.startswith("zero") and not HAVE_DEEPSPEED:
+        pytest.skip("deepspeed is not installed")
+    for rank in (0, 1):
+        result = json.loads((runs / name / f"roundtrip-rank{rank}.json").read_text())
+        assert result["differs"] == [], result
+        assert {"generator/params", "ratio/params", "generator/optimizer", "ratio/optimizer", "ema"} <= set(
+            result["checked"])
+
+
+@pytest.mark.parametrize("name", SPLIT)
+def test_stopped_and_resumed_run_equals_uninterrupted(runs, name):
+    """Bit-identical: the resumed run reloads exact parameters, Adam moments, EMA, RNG and data position."""
+    if name.startswith("zero") and not HAVE_DEEPSPEED:
+        pytest.skip("deepspeed is not installed")
+    full, split = runs / name, runs / f"{name}-split"
+    assert trajectory(split) == trajectory(full)
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero3_export_is_the_gathered_ema(runs):
+    if not HAVE_DEEPSPEED:
+        pytest.skip("deepspeed is not installed")
+    run = runs / "zero3"
+    net, info = load_model(str(run))
+    ema = load_checkpoint(latest_checkpoint(str(run)))["method"]["ema"]
+    assert info["role"] == "generator"
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+    # shards of the last two checkpoints only (steps 2, 4, 6 were saved), published under their final tags
+    for net in ("generator", "ratio"):
+        tags = sorted(e for e in os.listdir(run / "ds" / net) if e.startswith(("step", ".tmp")))
+        assert tags == ["step00000004", "step00000006"]
+
+
+def test_unconverted_method_and_bad_batch_split_are_refused(toy_teacher):
+    dmd = load_config(str(CONFIGS / "toy2d" / "diffratio.yaml"),
+                      base(toy_teacher) + ["method=dmd", "distributed.backend=ddp"])
+    with pytest.raises(ConfigError, match="method 'dmd' does not support distributed.backend='ddp'"):
+        build(dmd)
+    with pytest.raises(ConfigError, match="train.batch_per_gpu"):
+        load_config(PRESET, base(toy_teacher) + ["train.batch_per_gpu=24"])
+    with pytest.raises(ConfigError, match="distributed.zero_stage"):
+        load_config(PRESET, base(toy_teacher) + ["distributed.zero_stage=4"])
+    from fastonestep.engine.distributed import load_deepspeed_config
+
+    stage2 = load_config(PRESET, base(toy_teacher) + [f"distributed.deepspeed_config={CONFIGS}/deepspeed/zero3-cpu.json"])
+    with pytest.raises(ConfigError, match="zero_optimization.stage=3 but config key 'distributed.zero_stage' is 2"):
+        load_deepspeed_config(stage2, "fp32")
+    gpu_json = load_config(PRESET, base(toy_teacher) + ["distributed.zero_stage=3",
+                                                        f"distributed.deepspeed_config={CONFIGS}/deepspeed/zero3.json"])
+    with pytest.raises(ConfigError, match="bf16.enabled=True"):
+        load_deepspeed_config(gpu_json, "fp32")
