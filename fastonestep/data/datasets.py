@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from .errors import DataError
@@ -20,6 +21,8 @@ class TensorDataset:
     shape: one sample's shape; name: for logs; distribution: the toy object (exact density/score for
     metrics) for 2-D toys, else None; class_names: folder names of an image-folder dataset, else None.
     """
+
+    is_latent = False  # LatentTensorDataset: data are VAE moments, not samples
 
     def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 0,
                  name: str = "", distribution=None, class_names: list[str] | None = None):
@@ -80,7 +83,30 @@ def _folder_dataset(path: str, resolution: int, size: int) -> TensorDataset:
     return TensorDataset(images, labels, num_classes=num_classes, name=name, class_names=class_names)
 
 
-DATASET_KINDS = ("toy2d", "mnist", "folder")
+class LatentTensorDataset(TensorDataset):
+    """VAE posterior moments held in memory: data is (N, 2C, H, W) = [mean; std]; a sample (what methods
+    see, after fastonestep.data.latents.LatentSampling) has shape (C, H, W)."""
+
+    is_latent = True
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        c2, *rest = self.data.shape[1:]
+        return (c2 // 2, *rest)
+
+
+def _latent_dataset(path: str, size: int) -> TensorDataset:
+    from .files import read_moments, scan_latent_folder
+
+    if not path:
+        raise DataError("data.path is empty: give a latent dataset folder (`fastonestep dataset encode`)")
+    files = scan_latent_folder(path, size)
+    moments = torch.from_numpy(np.stack([read_moments(f, files.stored_shape) for f in files.files]))
+    return LatentTensorDataset(moments, files.labels, num_classes=files.num_classes, name=files.name,
+                               class_names=files.class_names)
+
+
+DATASET_KINDS = ("toy2d", "mnist", "folder", "latent")
 
 
 def make_dataset(kind: str, name: str = "", path: str = "", resolution: int = 32, size: int = 0,
@@ -92,6 +118,7 @@ def make_dataset(kind: str, name: str = "", path: str = "", resolution: int = 32
     of a fixed shuffle (by `seed`), so every digit is represented.
     kind "folder": `path` is a folder of images (resized to `resolution`) or a .npz file (taken as stored);
     size > 0 keeps the first `size`.
+    kind "latent": `path` is a `fastonestep dataset encode` folder; the VAE moments of every file, in memory.
     """
     if size < 0:
         raise DataError(f"dataset size must be >= 0 (0 means all), got {size}")
@@ -101,4 +128,6 @@ def make_dataset(kind: str, name: str = "", path: str = "", resolution: int = 32
         return _mnist_dataset(resolution, size, seed)
     if kind == "folder":
         return _folder_dataset(path, resolution, size)
+    if kind == "latent":
+        return _latent_dataset(path, size)
     raise DataError(f"unknown dataset kind {kind!r}; valid kinds: {', '.join(DATASET_KINDS)}")

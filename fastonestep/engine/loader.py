@@ -1,40 +1,46 @@
 """Deterministic, resumable batches from an in-memory dataset.
 
-The order is a permutation seeded by (seed, epoch); the loader's whole state is (epoch, position), so a
-resumed run draws exactly the batches the uninterrupted run would have drawn.
+The order is fastonestep.data.order.EpochOrder: a permutation seeded by (seed, epoch), sharded per rank; the
+loader's whole state is the data position (epoch, position, seed), so a resumed run draws exactly the batches
+the uninterrupted run would have drawn. Every loader (memory, torch, DALI) has this interface:
+`next() -> (x, labels or None)` on the loader's device, `state_dict()`, `load_state_dict(state)`.
 """
 from __future__ import annotations
 
 import torch
 
+from fastonestep.data.order import EpochOrder
+
 
 class EpochLoader:
-    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None, batch_size: int, seed: int, device="cpu"):
-        if data.shape[0] < batch_size:
-            raise ValueError(f"dataset has {data.shape[0]} samples, fewer than train.batch_size={batch_size}")
+    kind = "memory"
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None, batch_size: int, seed: int, device="cpu",
+                 rank: int = 0, world_size: int = 1, flip: bool = False):
         self.data, self.labels = data, labels
         self.batch_size, self.seed, self.device = batch_size, seed, device
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation(0)
+        self.order = EpochOrder(data.shape[0], batch_size, seed, rank, world_size, flip=flip)
+        self.consumed = 0  # batches drawn so far: the data position
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.data.shape[0], generator=g)
+    @property
+    def epoch(self) -> int:
+        return self.consumed // self.order.batches_per_epoch
 
     def next(self):
         """Returns (x, labels or None) on the loader's device; drops the last partial batch of each epoch."""
-        if self.position + self.batch_size > self.data.shape[0]:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        idx = self._order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        x = self.data[idx].to(self.device, non_blocking=True)
+        _, idx, flips = self.order.batch(self.consumed)
+        self.consumed += 1
+        idx = torch.from_numpy(idx)
+        x = self.data[idx]
+        if flips is not None and flips.any():
+            mask = torch.from_numpy(flips)
+            x[mask] = x[mask].flip(-1)  # x is a copy (advanced indexing), the dataset is untouched
+        x = x.to(self.device, non_blocking=True)
         y = None if self.labels is None else self.labels[idx].to(self.device, non_blocking=True)
         return x, y
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"kind": self.kind, **self.order.position_of(self.consumed)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation(self.epoch)
+        self.consumed = self.order.batches_done(state)
