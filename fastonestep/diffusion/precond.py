@@ -48,6 +48,14 @@ class EDMPrecond(nn.Module):
         F = self.net(x_in, c_noise, labels)
         return F, c_skip, c_out
 
+    def features(self, x: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
+        """The raw network's `features` (B, feature_dim) on the preconditioned input (e.g. the pooled UNet
+        bottleneck): what a discriminator head on this denoiser sees. Gradients flow to x."""
+        sigma = _as_batch(sigma, x)
+        _, _, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
+        x_in = (_per_sample(c_in, x) * x.float()).to(x.dtype)
+        return self.net.features(x_in, c_noise, labels)
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
         F, c_skip, c_out = self.raw(x, sigma, labels)
         return (_per_sample(c_skip, x) * x.float() + _per_sample(c_out, x) * F.float()).to(x.dtype)

@@ -37,12 +37,20 @@ class MLP(nn.Module):
             nn.init.zeros_(self.out[1].weight)
             nn.init.zeros_(self.out[1].bias)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def feature_dim(self) -> int:
+        return self.inp.out_features
+
+    def features(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden layer (B, hidden), before the output projection: what a GAN head on this net sees."""
         h_emb = self.emb_proj(self.emb(c_noise))
         if self.label_emb is not None and labels is not None:
             h_emb = h_emb + self.label_emb(labels)
         h = self.inp(x) + h_emb
         for block in self.blocks:
             h = h + block(h)
-        out = self.out(h)
+        return h
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.out(self.features(x, c_noise, labels))
         return out[:, 0] if self.out_dim == 1 else out

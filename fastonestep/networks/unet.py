@@ -227,6 +227,16 @@ class UNet(nn.Module):
     def bottleneck_channels(self) -> int:
         return self.encoder.out_channels
 
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder.out_channels
+
+    def features(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The middle-block output, averaged over pixels: (B, bottleneck channels). Runs the encoder only;
+        what a GAN head on this denoiser sees (DMD2)."""
+        h, _, _ = self.encoder(x_in, c_noise, labels)
+        return h.mean(dim=(2, 3))
+
     def encode(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None):
         """Down path + middle: returns (bottleneck feature map, embedding) -- what the ratio network sees."""
         h, emb, _ = self.encoder(x_in, c_noise, labels)
