@@ -175,3 +175,22 @@ def test_class_coverage(mnist_setup):
     ones = class_coverage(model, images[labels == 1][:200])
     assert ones["num_classes_covered"] <= 2 and ones["class_histogram"][1] >= 190  # a few misread ones
     assert ones["kl_to_uniform"] > 1.5
+
+
+def test_mnist_sample_metrics_add_prdc_in_classifier_features_and_keep_mnist_fd(mnist_setup):
+    from fastonestep.data import make_dataset
+    from fastonestep.engine.evaluate import sample_metrics
+
+    model, _, _, _ = mnist_setup
+    dataset = make_dataset("mnist", size=1000, seed=0)
+    samples = load_mnist()[0][torch.randperm(5000, generator=_gen(3))[:300]]
+    m = sample_metrics(samples, dataset)
+    assert m["feature_space"] == "mnist"
+    assert m["mnist_fd"] == pytest.approx(mnist_fd(samples, dataset.data, model=model), rel=1e-9)  # as before
+    assert m["num_classes_covered"] == 10
+    # Real digits against real digits: high fidelity and coverage. Uniform noise lands in one small region of
+    # the classifier's feature space (seen: precision 0.1, coverage 0.003, diversity 3.4 vs 22 for digits).
+    assert m["precision"] > 0.8 and m["coverage"] > 0.8 and m["diversity"] == pytest.approx(m["ref_diversity"], rel=0.1)
+    noise = sample_metrics(torch.rand(300, 1, 32, 32, generator=_gen(4)) * 2 - 1, dataset)
+    assert noise["recall"] < 0.05 and noise["coverage"] < 0.05 and noise["mnist_fd"] > 10 * m["mnist_fd"]
+    assert noise["diversity"] < 0.3 * noise["ref_diversity"]

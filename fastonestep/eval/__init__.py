@@ -14,3 +14,9 @@ __all__ = [
 from .inception import fid_from_images, inception_features, inception_stats, load_inception  # noqa: E402
 
 __all__ += ["fid_from_images", "inception_features", "inception_stats", "load_inception"]
+
+# Precision / recall / density / coverage, diversity, and the pluggable feature spaces they and FD use.
+from .features import FEATURE_KINDS, compare_features, make_features  # noqa: E402
+from .prdc import diversity, prdc  # noqa: E402
+
+__all__ += ["FEATURE_KINDS", "compare_features", "diversity", "make_features", "prdc"]
