@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under torchrun (2 processes, gloo, CPU): several training jobs in one
 launch, so the (slow) process start-up and DeepSpeed import are paid once.
 
-argv[1]: a JSON file {"base": [overrides], "jobs": [{"run": dir, "overrides": [...], "roundtrip": bool}]}.
+argv[1]: a JSON file {"preset": path, "base": [overrides], "jobs": [{"run": dir, "overrides": [...],
+"roundtrip": bool}]}; a job may name its own "preset" and "base" (other methods in the same launch).
 A job with "roundtrip" also checks, after training, that a fresh method loading the newest checkpoint holds
 exactly the trained state (full parameters, EMA, RNG, optimiser state of this rank's shard); the result goes
 to <run>/roundtrip-rank<r>.json.
@@ -75,7 +76,7 @@ def main():
     skip_shm_op_build()
     rank = int(os.environ["RANK"])
     for job in spec["jobs"]:
-        cfg = load_config(spec["preset"], spec["base"] + job["overrides"])
+        cfg = load_config(job.get("preset", spec["preset"]), job.get("base", spec["base"]) + job["overrides"])
         if job.get("roundtrip"):
             # train() keeps its method private: rebuild the trained state by training here with the same calls
             import fastonestep.engine.loop as loop

@@ -1,7 +1,10 @@
 """Distributed backends on CPU (gloo, 2 processes via torchrun): a tiny DiffRatio toy job under ddp and
 DeepSpeed ZeRO-1/2/3 follows the single-process trajectory, with and without gradient accumulation; checkpoints
 round-trip under every backend; a run stopped after step 3 and resumed ends where the uninterrupted run ends;
-the ZeRO-3 export is the gathered EMA. One torchrun launch runs all distributed jobs (tests/distributed_worker.py).
+the ZeRO-3 export is the gathered EMA. The teacher-distillation methods with a frozen teacher follow their
+single-process trajectories too: DMD2 (GAN head, backward simulation) under ddp and ZeRO-2/3, DP-DMD under ddp
+and ZeRO-2, backward distillation under ddp, several with gradient accumulation. One torchrun launch runs all
+distributed jobs (tests/distributed_worker.py).
 
 Tolerance for "same trajectory" (RTOL below): the distributed runs compute the same global-batch gradient in a
 different fp32 summation order (the mean of two rank means instead of one mean, the all-reduce, DeepSpeed's
@@ -55,26 +58,65 @@ JOBS = {
     "ddp-accum": (DDP + ["train.batch_per_gpu=16"], False),
     "zero1": (DS + ["distributed.zero_stage=1"], True),
     "zero2": (DS + ["distributed.zero_stage=2"], True),
-    "zero3": (DS + ["distributed.zero_stage=3", f"distributed.deepspeed_config={CONFIGS}/deepspeed/zero3-cpu.json"],
-              True),
+    # Every parameter partitioned (see ZERO3_ALL_SHARDED): the frozen-ratio and EMA gathers are really exercised.
+    "zero3": (DS + ["distributed.zero_stage=3", "distributed.deepspeed_config={zero3_json}"], True),
     "zero2-accum": (DS + ["distributed.zero_stage=2", "train.batch_per_gpu=8"], False),
 }
 SPLIT = ("ddp", "zero3")
+
+# Distillation methods with a frozen teacher: name -> (preset, overrides, logged values compared). Each is
+# compared with its own single-process run. DMD2 gets a strong GAN (so a GAN gradient leaking into the critic
+# or missing from the generator would show) and two levels with backward simulation; backward distillation
+# three levels with a 2-step teacher ODE target. 4 steps each, checkpoints only at the end. The gradient norms
+# (of the reduced global-batch gradient) are compared too: Adam hides a wrongly scaled gradient in the losses.
+GRAD_NORMS = ("grad_norm/generator", "grad_norm/fake")
+DISTILL_STEPS = 4
+DISTILL = {
+    "dmd2": ("dmd2.yaml", ["dmd.fake_steps=2", "dmd.student_sigmas=[40.0, 1.0]", "dmd.gan_weight=0.1",
+                           "dmd.gan_disc_weight=1.0"],
+             ("gen/loss", "gen/dmd_loss", "gen/gan_loss", "fake/loss", "fake/gan_loss") + GRAD_NORMS),
+    "dpdmd": ("dpdmd.yaml", ["dpdmd.teacher_steps=2"],
+              ("gen/loss", "gen/dmd_loss", "gen/target_loss", "fake/loss") + GRAD_NORMS),
+    "backward": ("backward.yaml", ["backward.student_sigmas=[40,2,0.5]", "backward.teacher_steps=2"],
+                 ("gen/loss", "backward/step_mean", "grad_norm/generator")),
+}
+# ZeRO-3 with every parameter partitioned (the shipped zero3-cpu.json keeps tensors under 1e5 elements whole,
+# i.e. all of a toy net): the frozen critic's GAN pass and the EMA then really need gathered parameters.
+ZERO3_ALL_SHARDED = {"zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
+                                           "stage3_param_persistence_threshold": 0},
+                     "bf16": {"enabled": False}}
+DISTILL_JOBS = {  # name -> (method, overrides, round trip check); "{zero3_json}" is filled in by the fixture
+    "dmd2-ddp": ("dmd2", DDP + ["train.batch_per_gpu=16"], False),
+    "dmd2-zero2": ("dmd2", DS + ["distributed.zero_stage=2"], False),
+    "dmd2-zero3": ("dmd2", DS + ["distributed.zero_stage=3", "distributed.deepspeed_config={zero3_json}",
+                                 "train.batch_per_gpu=16"], True),
+    "dpdmd-ddp": ("dpdmd", DDP, False),
+    "dpdmd-zero2": ("dpdmd", DS + ["distributed.zero_stage=2", "train.batch_per_gpu=16"], False),
+    "backward-ddp": ("backward", DDP + ["train.batch_per_gpu=8"], True),
+}
+
+
+def distill_base(teacher, method):
+    preset, extra, _ = DISTILL[method]
+    return str(CONFIGS / "toy2d" / preset), TOY_STUDENT + [
+        f"teacher={teacher}", f"train.steps={DISTILL_STEPS}", "train.batch_size=64", "train.log_every=1",
+        f"train.checkpoint_every={DISTILL_STEPS}", "eval.num_samples=64", "eval.batch_size=64", "eval.grid=2",
+        "optim.warmup_steps=2"] + extra
 
 
 def rows(run):
     return [json.loads(line) for line in (Path(run) / "stats.jsonl").read_text().splitlines()]
 
 
-def trajectory(run):
-    return [{k: r[k] for k in LOSSES} | {"step": r["step"]} for r in rows(run)]
+def trajectory(run, keys=LOSSES):
+    return [{k: r[k] for k in keys} | {"step": r["step"]} for r in rows(run)]
 
 
-def assert_close_trajectory(run, ref):
-    got, want = trajectory(run), trajectory(ref)
-    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
+def assert_close_trajectory(run, ref, keys=LOSSES, steps=6):
+    got, want = trajectory(run, keys), trajectory(ref, keys)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, steps + 1))
     for g, w in zip(got, want):
-        for k in LOSSES:
+        for k in keys:
             assert g[k] == pytest.approx(w[k], rel=RTOL, abs=1e-7), (run, g["step"], k)
 
 
@@ -84,14 +126,25 @@ def runs(tmp_path_factory, toy_teacher):
     root = tmp_path_factory.mktemp("distributed")
     train(load_config(PRESET, base(toy_teacher)), str(root / "single"), **QUIET)
     train(load_config(PRESET, base(toy_teacher) + ["train.batch_per_gpu=16"]), str(root / "single-accum"), **QUIET)
+    for method in DISTILL:
+        train(load_config(*distill_base(toy_teacher, method)), str(root / f"single-{method}"), **QUIET)
+    zero3_json = root / "zero3-all-sharded.json"
+    zero3_json.write_text(json.dumps(ZERO3_ALL_SHARDED))
     jobs = []
     for name, (extra, check) in JOBS.items():
         if "distributed.backend=deepspeed" in extra and not HAVE_DEEPSPEED:
             continue
+        extra = [o.format(zero3_json=zero3_json) for o in extra]
         jobs.append({"run": str(root / name), "overrides": extra, "roundtrip": check})
         if name in SPLIT:
             split = str(root / f"{name}-split")
             jobs += [{"run": split, "overrides": extra + ["train.steps=3"]}, {"run": split, "overrides": extra}]
+    for name, (method, extra, check) in DISTILL_JOBS.items():
+        if "distributed.backend=deepspeed" in extra and not HAVE_DEEPSPEED:
+            continue
+        preset, method_base = distill_base(toy_teacher, method)
+        jobs.append({"run": str(root / name), "preset": preset, "base": method_base, "roundtrip": check,
+                     "overrides": [o.format(zero3_json=zero3_json) for o in extra]})
     spec = root / "spec.json"
     spec.write_text(json.dumps({"preset": PRESET, "base": base(toy_teacher), "jobs": jobs}))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
@@ -119,6 +172,24 @@ def test_two_processes_follow_the_single_process_trajectory(runs, name):
 def test_accumulation_keeps_the_trajectory(runs):
     """batch_per_gpu changes only how the global batch is split into micro-chunks: same losses (in 1 process)."""
     assert_close_trajectory(runs / "single-accum", runs / "single")
+
+
+@pytest.mark.parametrize("name", list(DISTILL_JOBS))
+def test_distillation_methods_follow_the_single_process_trajectory(runs, name):
+    method, extra, _ = DISTILL_JOBS[name]
+    if "distributed.backend=deepspeed" in extra and not HAVE_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install 'fastonestep[deepspeed]')")
+    ref_run = runs / f"single-{method}"
+    assert_close_trajectory(runs / name, ref_run, DISTILL[method][2], DISTILL_STEPS)
+    ref = load_file(str(ref_run / "model.safetensors"))
+    got = load_file(str(runs / name / "model.safetensors"))
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=RTOL, atol=1e-6)
+    if DISTILL_JOBS[name][2]:  # a fresh method loading the checkpoint holds exactly the trained state
+        for rank in (0, 1):
+            result = json.loads((runs / name / f"roundtrip-rank{rank}.json").read_text())
+            assert result["differs"] == [] and "generator/optimizer" in result["checked"], result
 
 
 @pytest.mark.parametrize("name", ["ddp", "zero1", "zero2", "zero3"])
@@ -158,7 +229,13 @@ def test_zero3_export_is_the_gathered_ema(runs):
         assert tags == ["step00000004", "step00000006"]
 
 
-def test_unconverted_method_and_bad_batch_split_are_refused(toy_teacher):
+def test_unconverted_method_and_bad_batch_split_are_refused(toy_teacher, monkeypatch):
+    from fastonestep import methods
+
+    class SingleProcessDMD(methods.DMD):  # every shipped method is distributed: stand in for one that is not
+        supports_distributed = False
+
+    monkeypatch.setitem(methods.METHODS, "dmd", SingleProcessDMD)
     dmd = load_config(str(CONFIGS / "toy2d" / "diffratio.yaml"),
                       base(toy_teacher) + ["method=dmd", "distributed.backend=ddp"])
     with pytest.raises(ConfigError, match="method 'dmd' does not support distributed.backend='ddp'"):

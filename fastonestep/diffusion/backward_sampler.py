@@ -55,19 +55,24 @@ def student_prediction(net, x: torch.Tensor, sigma: float, parameterization: str
 
 
 def backward_states(net, z: torch.Tensor, sigmas, upto: int, parameterization: str = "x0",
-                    noise_correction: float = 1.0, labels=None, generator: torch.Generator | None = None):
+                    noise_correction: float = 1.0, labels=None, generator: torch.Generator | None = None,
+                    noises=None):
     """The student's own inputs at levels 1..upto (a list of `upto` tensors: x at s_1, x at s_2, ...), produced
     exactly as `backward_sample` produces them. Runs under the caller's grad mode (training wraps it in
-    no_grad: earlier steps get no gradient). Consumes `upto - 1` noise draws from `generator`."""
+    no_grad: earlier steps get no gradient). Consumes `upto - 1` noise draws from `generator`, or takes them
+    from `noises` (drawn in advance, e.g. this rank's slice of a global batch's draws)."""
     levels = _levels(sigmas)
     if not 1 <= upto <= len(levels):
         raise ValueError(f"upto must be in 1..{len(levels)}, got {upto}")
+    if noises is not None and len(noises) != upto - 1:
+        raise ValueError(f"backward_states: {upto} states re-noise {upto - 1} times, got {len(noises)} noise tensors")
     x = z * levels[0]
     states = [x]
     for k in range(upto - 1):
         x0 = student_prediction(net, x, levels[k], parameterization, labels,
                                 known_noise=z if k == 0 else None, noise_correction=noise_correction)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = (noises[k] if noises is not None
+                 else torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))
         x = x0 + levels[k + 1] * noise
         states.append(x)
     return states

@@ -69,22 +69,28 @@ def edm_sample(denoiser, noise: torch.Tensor, num_steps: int = 18, sigma_min: fl
 
 
 def student_sample(generator_denoiser, z: torch.Tensor, sigmas, labels=None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, noises=None) -> torch.Tensor:
     """Few-step student sampling: x = sigmas[0] * z; at each level x0 = D(x, sigma_k), then (except after the
     last level) re-noise x = x0 + sigmas[k + 1] * fresh N(0, I) noise drawn with `generator`.
 
     With a single level this is the one-step generator G(z) = D(sigma_g * z; sigma_g). `sigmas` are the
     positive levels the student is evaluated at (a trailing 0, as karras_sigmas ends with, is dropped).
+    `noises`: the re-noising tensors (one per level after the first) drawn in advance, used instead of drawing
+    from `generator` (distributed training draws them for the global batch and passes this rank's slice).
     """
     levels = [float(s) for s in torch.as_tensor(sigmas).reshape(-1).tolist()]
     if levels and levels[-1] == 0:
         levels = levels[:-1]
     if not levels or min(levels) <= 0:
         raise ValueError(f"student_sample needs one or more positive noise levels, got {levels}")
+    if noises is not None and len(noises) != len(levels) - 1:
+        raise ValueError(f"student_sample: {len(levels)} levels re-noise {len(levels) - 1} times, "
+                         f"got {len(noises)} noise tensors")
     x = z * levels[0]
     for k, sigma in enumerate(levels):
         x0 = generator_denoiser(x, torch.tensor(sigma, dtype=_state_dtype(z), device=z.device), labels)
         if k + 1 < len(levels):
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = (noises[k] if noises is not None
+                     else torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))
             x = x0 + levels[k + 1] * noise
     return x0

@@ -29,23 +29,26 @@ These are our reading of the seed (arXiv 2405.05224, abstract only); each choice
   `noise_correction` (1 = off). In VE coordinates this is x0 = c * G(s_1 z; s_1): see backward_sampler.py for
   what it does and does not buy. The backward trajectory uses the same sampler, so the inputs of steps >= 2
   match inference with the correction; the loss always trains the student's own prediction G.
+
+Distributed (engine/distributed.py): the student is one Trainable (its training forward is EDMPrecond.raw, so
+the loss stays in F-space), the teacher a plain frozen module on every rank. Every draw of a step is made for
+the global batch in the single-process order and each rank keeps its slice; the no-grad trajectory runs on the
+whole local slice, the loss (teacher target included: it is per sample) per train.batch_per_gpu chunk.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
+from torch import nn
 
 from fastonestep import losses
 from fastonestep.diffusion.backward_sampler import backward_sample, backward_states
 from fastonestep.diffusion.precond import edm_loss_weight
-from fastonestep.diffusion.samplers import edm_sample, karras_sigmas, ode_solve
+from fastonestep.diffusion.samplers import karras_sigmas, ode_solve
 from fastonestep.engine.ema import EMA
 from fastonestep.engine.evaluate import EVAL_SEED
-from fastonestep.engine.export import load_model
-from fastonestep.methods.base import Method, make_optimizer, optimizer_step
-from fastonestep.methods.diffratio import DiffRatio
+from fastonestep.methods.distill import DistillMethod, accumulate, rows
 from fastonestep.networks.build import count_parameters
 
 
@@ -64,26 +67,27 @@ def shifted_sigma(sigma: torch.Tensor, cfg, lo: float = 0.0, hi: float = math.in
     return out.clamp(lo, hi)
 
 
-def check_teacher(info: dict, path: str, dataset, num_classes: int) -> None:
-    shape, classes = tuple(info["data_shape"]), info["num_classes"]
-    if shape != tuple(dataset.shape):
-        raise ValueError(f"teacher '{path}' was trained on data of shape {shape}, "
-                         f"but the dataset has shape {tuple(dataset.shape)}")
-    if classes != num_classes:
-        raise ValueError(f"teacher '{path}' has num_classes={classes}, the run has "
-                         f"{num_classes} (config key 'data.class_conditional')")
+class _RawStudent(nn.Module):
+    """Training view of the student whose forward is EDMPrecond.raw -> (F, c_skip, c_out): the loss is taken
+    in F-space (fused denoising_loss), and the training forward must be a module call so a DeepSpeed engine can
+    wrap it. Its parameters are the student's, in the same order (EMA.update_from relies on that)."""
+
+    def __init__(self, precond: nn.Module):
+        super().__init__()
+        self.precond = precond
+
+    def forward(self, x, sigma, labels=None):
+        return self.precond.raw(x, sigma, labels)
 
 
-class BackwardDistillation(Method):
+class BackwardDistillation(DistillMethod):
     name = "backward"
+    supports_distributed = True
 
-    def __init__(self, cfg, dataset, device):
-        super().__init__(cfg, dataset, device)
+    def __init__(self, cfg, dataset, device, backend=None):
+        super().__init__(cfg, dataset, device, backend)
         b = cfg.backward
-        self.teacher, self.teacher_info = load_model(cfg.teacher, device)
-        check_teacher(self.teacher_info, cfg.teacher, dataset, self.num_classes)
-        self.teacher.requires_grad_(False)
-        self.sigma_data = self.teacher_info["sigma_data"]
+        self.teacher = self.frozen_teacher(self.load_teacher())
         self.levels = [float(s) for s in b.student_sigmas]
         weights = torch.tensor([float(w) for w in b.step_weights] or [1.0] * len(self.levels), dtype=torch.float64)
         self.step_probs = (weights / weights.sum()).to(device=device, dtype=torch.float32)
@@ -92,11 +96,12 @@ class BackwardDistillation(Method):
         d = cfg.diffusion
         self.shifted_levels = shifted_sigma(torch.tensor(self.levels, dtype=torch.float64), b,
                                             d.sigma_min, d.sigma_max).tolist()
-        self.generator = copy.deepcopy(self.teacher).train().requires_grad_(True)
-        self.opt = make_optimizer(self.generator.parameters(), cfg.optim)
+        self.generator = self.student_from(self.teacher)
         self.ema = EMA(self.generator, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup)
         self.parameter_counts = {"generator": count_parameters(self.generator),
                                  "teacher_frozen": count_parameters(self.teacher)}
+        # The engine last (ZeRO-3 shards parameters here); self.generator stays the plain student.
+        self.gen = self.backend.trainable("generator", _RawStudent(self.generator), cfg.optim)
 
     # -- training -----------------------------------------------------------------------------------------
     def draw(self, n: int):
@@ -108,13 +113,14 @@ class BackwardDistillation(Method):
         return labels, z, k
 
     @torch.no_grad()
-    def trajectory_inputs(self, z: torch.Tensor, k: torch.Tensor, labels=None) -> torch.Tensor:
+    def trajectory_inputs(self, z: torch.Tensor, k: torch.Tensor, labels=None, noises=None) -> torch.Tensor:
         """x_{s_k} for each sample: the student's own earlier steps from z, without gradient (backward
-        distillation). Draws max_step re-noising tensors from self.rng."""
+        distillation). Re-noising: `noises` (max_step tensors drawn in advance), else max_step draws from
+        self.rng."""
         b = self.cfg.backward
         net = self.generator if b.trajectory_net == "student" else self.ema.net
         states = backward_states(net, z, self.levels, self.max_step + 1, b.parameterization, b.noise_correction,
-                                 labels, generator=self.rng)
+                                 labels, generator=self.rng, noises=noises)
         return torch.stack(states)[k, torch.arange(z.shape[0], device=z.device)]
 
     @torch.no_grad()
@@ -134,54 +140,70 @@ class BackwardDistillation(Method):
                                     None if labels is None else labels[idx])
         return target
 
-    def reconstruction_loss(self, x_in: torch.Tensor, k: torch.Tensor, labels=None):
+    def reconstruction_loss(self, x_in: torch.Tensor, k: torch.Tensor, labels=None, noise=None):
         """Shifted reconstruction loss of the student at step k from the (constant) inputs x_in.
-        Returns (scalar loss, per-sample loss). Draws the re-noising noise from self.rng."""
+        Returns (scalar loss, per-sample loss). Re-noising: `noise` (drawn in advance), else drawn from
+        self.rng."""
         b = self.cfg.backward
         sigma = torch.tensor(self.levels, dtype=torch.float32, device=x_in.device)[k]
-        F, c_skip, c_out = self.generator.raw(x_in, sigma, labels)
+        F, c_skip, c_out = self.gen.module(x_in, sigma, labels)
         shape = (-1,) + (1,) * (x_in.ndim - 1)
         with torch.no_grad():  # x0_s itself, only as the start of the (detached) target
             x0_s = (c_skip.reshape(shape) * x_in.float() + c_out.reshape(shape) * F.float()).to(x_in.dtype)
             s_shift = torch.tensor(self.shifted_levels, dtype=torch.float32, device=x_in.device)[k]
-            x_shift = losses.add_noise(x0_s, 1.0, s_shift, noise=self.noise_like(x0_s), impl=self.impl)
+            noise = self.noise_like(x0_s) if noise is None else noise
+            x_shift = losses.add_noise(x0_s, 1.0, s_shift, noise=noise, impl=self.impl)
         target = self.teacher_target(x_shift, k, labels)
         per = losses.denoising_loss(F, x_in, target, sigma, self.sigma_data, impl=self.impl)
         if b.weighting == "none":
             per = per / edm_loss_weight(sigma, self.sigma_data)
         return per.mean(), per
 
-    def generator_loss(self, n: int):
-        """One generator loss: draw, simulate the trajectory (no gradient), shifted reconstruction loss."""
-        labels, z, k = self.draw(n)
-        x_in = self.trajectory_inputs(z, k, labels)
-        loss, per = self.reconstruction_loss(x_in, k, labels)
+    def step_stats(self, k: torch.Tensor, per: torch.Tensor) -> dict:
+        """Which steps were trained and their mean losses, over this rank's samples."""
+        n = k.shape[0]
+        per = per.detach()
         stats = {"backward/step_mean": (k + 1).float().mean()}
         for j in range(self.max_step + 1):
             mask = (k == j).float()
             count = mask.sum()
             stats[f"backward/frac_step{j + 1}"] = count / n
             stats[f"backward/loss_step{j + 1}"] = torch.where(
-                count > 0, (per.detach() * mask).sum() / count.clamp(min=1), torch.full_like(count, float("nan")))
-        return loss, stats
+                count > 0, (per * mask).sum() / count.clamp(min=1), torch.full_like(count, float("nan")))
+        return stats
+
+    def generator_loss(self, n: int):
+        """One generator loss on n samples: draw, simulate the trajectory (no gradient), shifted reconstruction
+        loss (all draws from self.rng in that order; one process, no accumulation)."""
+        labels, z, k = self.draw(n)
+        x_in = self.trajectory_inputs(z, k, labels)
+        loss, per = self.reconstruction_loss(x_in, k, labels)
+        return loss, self.step_stats(k, per)
 
     def step(self, next_batch, step, nimg):
         # Data-free: the teacher is the only source of knowledge (next_batch is not consumed).
-        n = self.cfg.train.batch_size
-        loss, stats = self.generator_loss(n)
-        loss.backward()
-        grad_norm = optimizer_step(self.opt, self.generator, self.cfg.optim, step)
-        self.ema.update(self.generator, nimg + n, n)
-        return {"gen/loss": loss.detach(), "grad_norm/generator": grad_norm, **stats}
+        n = self.global_batch
+        labels, z, k = (None if t is None else self.local(t) for t in self.draw(n))
+        noises = [self.noise_global() for _ in range(self.max_step)]  # the trajectory's re-noisings
+        shift_noise = self.noise_global()  # the re-noising of x0_s to the shifted level
+        x_in = self.trajectory_inputs(z, k, labels, noises)
+        stats, per = {}, []
+        for chunk, w in self.micro_chunks():
+            loss, per_chunk = self.reconstruction_loss(x_in[chunk], k[chunk], rows(labels, chunk), shift_noise[chunk])
+            loss = self.weighted(loss, w)
+            self.gen.backward(loss)
+            accumulate(stats, {"gen/loss": loss.detach()}, None)
+            per.append(per_chunk.detach())
+        stats["grad_norm/generator"] = self.gen.step(step)
+        self.ema.update_from(self.gen, nimg + n, n)
+        return {**stats, **self.step_stats(k, torch.cat(per))}
 
     # -- persistence and evaluation -----------------------------------------------------------------------
     def state_dict(self):
-        return {"generator": self.generator.state_dict(), "opt": self.opt.state_dict(), "ema": self.ema.state_dict(),
-                **self.rng_state()}
+        return {"generator": self.gen.state_dict(), "ema": self.ema.state_dict(), **self.rng_state()}
 
     def load_state_dict(self, state):
-        self.generator.load_state_dict(state["generator"])
-        self.opt.load_state_dict(state["opt"])
+        self.gen.load_state_dict(state["generator"])
         self.ema.load_state_dict(state["ema"])
         self.load_rng_state(state)
 
@@ -200,19 +222,8 @@ class BackwardDistillation(Method):
         return sample
 
     def samplers(self):
-        d = self.cfg.diffusion
-        out = {"student": self._sampler(self.ema.net), "init_student": self._sampler(self.teacher)}
-        if self.cfg.eval.teacher_fd:
-            def teacher_ode(noise, labels):
-                return edm_sample(self.teacher, noise, num_steps=d.sample_steps, sigma_min=d.sigma_min,
-                                  sigma_max=d.sigma_max, rho=d.rho, solver=d.solver, labels=labels)
-
-            out[f"teacher_{d.solver}{d.sample_steps}"] = teacher_ode
-        return out
-
-    # The teacher's multi-step metrics, reused when its run measured them with the same settings (needs only
-    # cfg.teacher / cfg.diffusion / cfg.eval, which every distillation config has).
-    known_metrics = DiffRatio.known_metrics
+        return {"student": self._sampler(self.ema.net), "init_student": self._sampler(self.teacher),
+                **self.teacher_samplers(self.teacher)}
 
     def export_info(self) -> dict:
         b = self.cfg.backward

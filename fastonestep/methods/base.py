@@ -1,5 +1,5 @@
-"""What every method shares: the optimiser recipe, one clipped optimiser step, per-run RNG, and the
-interface the engine drives (step, state_dict, samplers for evaluation)."""
+"""What every method shares: the backend it trains through, per-run RNG, global-batch randomness and
+accumulation chunks, and the interface the engine drives (step, state_dict, samplers for evaluation)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -9,8 +9,8 @@ from torch import nn
 
 from fastonestep.config import Config
 from fastonestep.diffusion.schedules import sample_lognormal_sigma
-# The single-process recipe (methods not yet on the Trainable API use these directly; the backends too).
-from fastonestep.engine.distributed import Backend, make_optimizer, optimizer_step  # noqa: F401
+# Every method trains through backend Trainables (engine/distributed.py owns the optimiser recipe).
+from fastonestep.engine.distributed import Backend
 
 
 def sample_sigma(n: int, p_mean: float, p_std: float, lo: float, hi: float, rng: torch.Generator, device):

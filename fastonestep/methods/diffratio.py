@@ -9,31 +9,21 @@ the ratio network's encoder); it is never evaluated during training.
 """
 from __future__ import annotations
 
-import copy
-import json
 import math
-import os
 
 import torch
 
 from fastonestep import losses
-from fastonestep.diffusion.samplers import edm_sample, student_sample
+from fastonestep.diffusion.samplers import student_sample
 from fastonestep.engine.ema import EMA
 from fastonestep.engine.export import load_model
 from fastonestep.engine.memory import training_state_bytes
-from fastonestep.methods.base import Method, sample_sigma
+from fastonestep.methods.base import sample_sigma
+from fastonestep.methods.distill import COUNTS, DistillMethod, accumulate
 from fastonestep.networks.build import build_ratio, count_parameters
 
 
-_COUNTS = ("gen/nonfinite_samples",)  # summed over accumulation chunks (the other stats are weighted means)
-
-
-def _accumulate(total: dict, chunk: dict) -> None:
-    for k, v in chunk.items():
-        total[k] = v if k not in total else total[k] + v
-
-
-class DiffRatio(Method):
+class DiffRatio(DistillMethod):
     name = "diffratio"
 
     supports_distributed = True
@@ -41,10 +31,8 @@ class DiffRatio(Method):
     def __init__(self, cfg, dataset, device, backend=None):
         super().__init__(cfg, dataset, device, backend)
         dr = cfg.diffratio
-        teacher, self.teacher_info = load_model(cfg.teacher, device)
-        self._check_teacher(dataset)
-        self.sigma_data = self.teacher_info["sigma_data"]
-        self.generator = copy.deepcopy(teacher).train().requires_grad_(True)
+        teacher = self.load_teacher()  # only initialises G (and the ratio encoder): not kept
+        self.generator = self.student_from(teacher)
         self.ratio = self._build_ratio(teacher).to(device)
         self.ema = EMA(self.generator, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup)
         # Memory next to the networks the ratio net replaces (generator excluded, exact from parameter counts
@@ -64,15 +52,6 @@ class DiffRatio(Method):
         self.ratio_t = self.backend.trainable("ratio", self.ratio, dr.ratio_optim)
 
     # -- construction -------------------------------------------------------------------------------------
-    def _check_teacher(self, dataset):
-        shape, classes = tuple(self.teacher_info["data_shape"]), self.teacher_info["num_classes"]
-        if shape != tuple(dataset.shape):
-            raise ValueError(f"teacher '{self.cfg.teacher}' was trained on data of shape {shape}, "
-                             f"but the dataset has shape {tuple(dataset.shape)}")
-        if classes != self.num_classes:
-            raise ValueError(f"teacher '{self.cfg.teacher}' has num_classes={classes}, the run has "
-                             f"{self.num_classes} (config key 'data.class_conditional')")
-
     def _build_ratio(self, teacher):
         rn = self.cfg.diffratio.ratio_net
         spec = self.teacher_info["network"]
@@ -130,9 +109,9 @@ class DiffRatio(Method):
             loss = self.weighted(losses.ratio_classifier_loss(l_gen, l_real, impl=self.impl), w)
             self.ratio_t.backward(loss)
             acc = 0.5 * ((l_gen > 0).float().mean() + (l_real < 0).float().mean())
-            _accumulate(stats, {"ratio/loss": loss.detach(), "ratio/accuracy": self.weighted(acc, w),
-                                "ratio/logit_gen": self.weighted(l_gen.mean().detach(), w),
-                                "ratio/logit_real": self.weighted(l_real.mean().detach(), w)})
+            accumulate(stats, {"ratio/loss": loss.detach()}, None)  # already weighted
+            accumulate(stats, {"ratio/accuracy": acc, "ratio/logit_gen": l_gen.mean().detach(),
+                               "ratio/logit_real": l_real.mean().detach()}, w)
         stats["grad_norm/ratio"] = self.ratio_t.step(step)
         return stats
 
@@ -178,8 +157,8 @@ class DiffRatio(Method):
                 loss, chunk_stats = self.generator_loss(x, lab, sigma[chunk], noise[chunk])
                 loss = self.weighted(loss, w)
                 self.gen.backward(loss)
-                _accumulate(stats, {"gen/loss": loss.detach(),
-                                    **{k: v if k in _COUNTS else self.weighted(v, w) for k, v in chunk_stats.items()}})
+                accumulate(stats, {"gen/loss": loss.detach()}, None)  # already weighted
+                accumulate(stats, chunk_stats, w, counts=COUNTS)
         stats["grad_norm/generator"] = self.gen.step(step)
         self.ema.update_from(self.gen, nimg + n, n)
         return stats
@@ -208,7 +187,6 @@ class DiffRatio(Method):
 
     def samplers(self):
         sigma_g = self.cfg.diffratio.sigma_g
-        d = self.cfg.diffusion
         teacher, _ = load_model(self.cfg.teacher, self.device)
 
         def one_step(noise, labels):
@@ -217,27 +195,7 @@ class DiffRatio(Method):
         def init(noise, labels):
             return student_sample(teacher, noise, [sigma_g], labels=labels)
 
-        def teacher_ode(noise, labels):
-            return edm_sample(teacher, noise, num_steps=d.sample_steps, sigma_min=d.sigma_min, sigma_max=d.sigma_max,
-                              rho=d.rho, solver=d.solver, labels=labels)
-
-        out = {"one_step": one_step, "init_one_step": init}
-        if self.cfg.eval.teacher_fd:
-            out[f"teacher_{d.solver}{d.sample_steps}"] = teacher_ode
-        return out
-
-    def known_metrics(self):
-        """The teacher's multi-step metrics, when its own run measured them with the same seeds and count."""
-        d = self.cfg.diffusion
-        name = f"teacher_{d.solver}{d.sample_steps}"
-        path = os.path.join(self.cfg.teacher, "metrics.json")
-        if not (self.cfg.eval.teacher_fd and os.path.isfile(path)):
-            return {}
-        with open(path, encoding="utf-8") as f:
-            found = json.load(f).get(name)
-        if not found or found.get("num_samples") != self.cfg.eval.num_samples:
-            return {}
-        return {name: {**found, "measured_in": self.cfg.teacher}}
+        return {"one_step": one_step, "init_one_step": init, **self.teacher_samplers(teacher)}
 
     def export_info(self) -> dict:
         return {"role": "generator", "sigma_g": [self.cfg.diffratio.sigma_g]}

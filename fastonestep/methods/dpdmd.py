@@ -34,6 +34,7 @@ import torch
 
 from fastonestep.diffusion.conversions import from_x0
 from fastonestep.diffusion.samplers import karras_sigmas, ode_solve, student_sample
+from fastonestep.methods.distill import rows
 from fastonestep.methods.dmd import DMD
 
 
@@ -65,19 +66,29 @@ class DPDMD(DMD):
         target = from_x0(x0_target.float(), form, x_vp, a, a * s1)
         return self.cfg.dpdmd.diversity_weight * (pred - target).square().mean()
 
-    def fake_samples(self, n, next_batch):
-        labels = self.random_labels(n)
-        z = torch.randn((n, *self.dataset.shape), generator=self.rng, device=self.device)
+    def fake_samples(self, next_batch):
+        """The student's K-step samples (global-batch draws: labels, z, K - 1 re-noisings; this rank's slice)."""
+        labels, z = self.random_labels_global(), self.noise_global()
+        noises = [self.noise_global() for _ in self.levels[1:]]
         with torch.no_grad():
-            return student_sample(self.generator, z, self.levels, labels=labels, generator=self.rng), labels
+            return student_sample(self.generator, z, self.levels, labels=labels, noises=noises), labels
 
-    def generator_outputs(self, n, next_batch):
+    def generator_inputs(self, next_batch):
+        """Draws of one generator update in the single-process order: labels, z, the re-noising before each
+        later step, then the DMD loss's draws (this rank's slices). The teacher's ODE target is per sample, so
+        it is computed per accumulation chunk (generator_outputs)."""
+        labels, z = self.random_labels_global(), self.noise_global()
+        noises = [self.noise_global() for _ in self.levels[1:]]
+        dmd = {k: self.local(v) for k, v in self.dmd_draws(self.global_batch).items()}
+        return {"labels": labels, "z": z, "noises": noises, "dmd": dmd}
+
+    def generator_outputs(self, draws, chunk):
         levels = self.levels
-        labels = self.random_labels(n)
-        x = torch.randn((n, *self.dataset.shape), generator=self.rng, device=self.device) * levels[0]
-        x0 = self.generator(x, levels[0], labels)
+        labels = rows(draws["labels"], chunk)
+        x = draws["z"][chunk] * levels[0]
+        x0 = self.gen.module(x, levels[0], labels)
         loss_t = self.target_loss(x0, self.first_step_target(x, labels), x)
         x0 = x0.detach()  # steps 2..K: the DMD gradient stops here
-        for sigma in levels[1:]:
-            x0 = self.generator(x0 + sigma * self.noise_like(x0), sigma, labels)
+        for sigma, noise in zip(levels[1:], draws["noises"]):
+            x0 = self.gen.module(x0 + sigma * noise[chunk], sigma, labels)
         return x0, labels, loss_t, {"gen/target_loss": loss_t.detach()}
