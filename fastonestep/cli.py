@@ -215,8 +215,12 @@ def _cmd_bench(args) -> int:
         from fastonestep.benchmark.loader import main as bench_loader
 
         return bench_loader(args.rest)
+    if args.what == "step":
+        from fastonestep.benchmark.step import main as bench_step
+
+        return bench_step(args.rest)
     if args.what != "kernels":
-        raise ValueError(f"unknown benchmark '{args.what}'; available: kernels, loader")
+        raise ValueError(f"unknown benchmark '{args.what}'; available: kernels, loader, step")
     from fastonestep.benchmark.kernels import main as bench_kernels
 
     return bench_kernels(args.rest)
@@ -280,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=_cmd_experiment)
 
     b = sub.add_parser("bench", help="benchmarks: `bench kernels [--quick] [--plot PNG] ...`")
-    b.add_argument("what", help="kernels | loader")
+    b.add_argument("what", help="kernels | loader | step")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see `bench kernels --help`)")
     b.set_defaults(fn=_cmd_bench)
 

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# DiffRatio vs DMD2, one full training iteration each, at EDM2-S and EDM2-M on synthetic latents, for the
+# single backend and DeepSpeed ZeRO 1/2/3 at world size 1 (and DDP + ZeRO 1/2/3 on all GPUs when there are
+# several). One command on a GPU machine, from anywhere:
+#
+#     bash bench/run_step_gpu.sh
+#
+# Writes step.csv, step.md (the README table), step.png (if matplotlib imports) and the sweep's console log
+# to $OUT when it is set (the device runner's output folder), else appends to bench/results/step.csv.
+# Needs no network and no install: the checkout is put on PYTHONPATH, and the Python packages the machine
+# lacks (deepspeed and its pure-Python needs, PyYAML, safetensors, Pillow, ...) are unpacked from the wheels
+# carried in .whl/ at the repository root (a wheel is a zip: no pip needed). A ZeRO case that cannot run
+# (deepspeed missing, a method not on the distributed API yet) becomes a `skipped` row with the reason.
+#
+# Budget: about 8 minutes on one H100 (16 cases x ~25 s; cases not started after MAX_SECONDS are recorded as
+# skipped). Knobs (environment): WARMUP=5 ITERS=10 BATCH=s=32,m=16 SIZES=s,m MAX_SECONDS=420 CASE_TIMEOUT=150.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+DEST="${OUT:-bench/results}"
+mkdir -p "$DEST"
+WARMUP="${WARMUP:-5}"; ITERS="${ITERS:-10}"; BATCH="${BATCH:-s=32,m=16}"; SIZES="${SIZES:-s,m}"
+MAX_SECONDS="${MAX_SECONDS:-420}"; CASE_TIMEOUT="${CASE_TIMEOUT:-150}"
+SITE="${TMPDIR:-/tmp}/fastonestep-bench-site"
+
+# Unpack only the carried wheels whose top-level module does not import here (installed versions win).
+if [ -d .whl ]; then
+  "$PY" - "$SITE" <<'EOF'
+import importlib.util, os, sys, zipfile
+site = sys.argv[1]
+module_of = {"pyyaml": "yaml", "pillow": "PIL", "py_cpuinfo": "cpuinfo"}
+os.makedirs(site, exist_ok=True)
+for wheel in sorted(os.listdir(".whl")):
+    if not wheel.endswith(".whl"):
+        continue
+    dist = wheel.split("-")[0].lower().replace("-", "_")
+    module = module_of.get(dist, dist)
+    if importlib.util.find_spec(module) is None:
+        zipfile.ZipFile(os.path.join(".whl", wheel)).extractall(site)
+        print(f"unpacked {wheel} (no '{module}' here)")
+EOF
+fi
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" - <<'EOF'
+import importlib.util
+missing = [m for m in ("torch", "yaml", "safetensors", "PIL", "numpy", "deepspeed") if importlib.util.find_spec(m) is None]
+print("missing:", ", ".join(missing) if missing else "nothing")
+EOF
+
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+echo "GPUs: $NGPU"
+if [ "$NGPU" -lt 1 ]; then
+  echo "no CUDA GPU: this script measures GPU performance; on a CPU run 'fastonestep bench step --quick'" >&2
+  exit 2
+fi
+PLOT=()
+"$PY" -c "import matplotlib" 2>/dev/null && PLOT=(--plot "$DEST/step.png")
+
+COMMON=(--methods diffratio,dmd --sizes "$SIZES" --batch-per-gpu "$BATCH" --warmup "$WARMUP" --iters "$ITERS"
+        --case-timeout "$CASE_TIMEOUT" --out "$DEST/step.csv")
+# The headline comparison (single backend) runs first, then the ZeRO stages (2, the default stage, first).
+"$PY" -m fastonestep bench step "${COMMON[@]}" --backends single,zero2,zero1,zero3 --max-seconds "$MAX_SECONDS" \
+  2>&1 | tee "$DEST/step-sweep.log"
+if [ "$NGPU" -gt 1 ]; then
+  "$PY" -m fastonestep bench step "${COMMON[@]}" --backends ddp,zero2,zero1,zero3 --nproc "$NGPU" \
+    --max-seconds "$MAX_SECONDS" 2>&1 | tee -a "$DEST/step-sweep.log"
+fi
+"$PY" -m fastonestep bench step --no-run --out "$DEST/step.csv" "${PLOT[@]}" > "$DEST/step.md"
+cat "$DEST/step.md"
