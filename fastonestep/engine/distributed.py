@@ -163,6 +163,15 @@ class DDPTrainable(Trainable):
             offset += g.numel()
 
 
+def _check_no_zero_dim_parameters(network: nn.Module, name: str) -> None:
+    """DeepSpeed (0.19) broadcasts every parameter from rank 0 as `p.data.view(torch.uint8)`, which fails for
+    0-d tensors; say which parameter instead of failing deep inside deepspeed.initialize."""
+    bad = [n for n, p in network.named_parameters() if p.dim() == 0]
+    if bad:
+        raise ValueError(f"network '{name}' has 0-d parameters ({', '.join(bad[:3])}), which DeepSpeed cannot "
+                         "broadcast; give them shape [1]")
+
+
 class DeepSpeedTrainable(Trainable):
     """One deepspeed.initialize engine per network, with a torch Adam (make_optimizer) inside ZeRO.
 
@@ -176,6 +185,7 @@ class DeepSpeedTrainable(Trainable):
 
         self.name, self.optim_cfg, self.backend = name, optim_cfg, backend
         config = backend.deepspeed_config(optim_cfg)
+        _check_no_zero_dim_parameters(network, name)
         self.engine, self.opt, _, _ = deepspeed.initialize(
             model=network, optimizer=make_optimizer(network.parameters(), optim_cfg), config=config,
             dist_init_required=False)

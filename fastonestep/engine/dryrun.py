@@ -284,7 +284,7 @@ def dry_run(cfg: Config, gpus: int = 1, stages=(0, 1, 2, 3), activations: bool =
         out("  " + f"{'total':<12}" + "".join(f"{_fmt(totals[s] + act['peak']):>12}" for s in stages))
         out(f"#   activations: tensors saved for backward, meta-device trace (per sample x micro-batch {micro}"
             f" + per forward), {'bf16 = fp32 trace x 0.5, ' if precision == 'bf16' else ''}heaviest phase; "
-            "excludes freed temporaries, no-grad forwards, allocator overhead, CUDA context")
+            "excludes freed temporaries, no-grad forwards, the DMD2 GAN pass through the fake encoder, allocator overhead, CUDA context")
         for name, a in act["per_network"].items():
             out(f"#   {name}: {a['per_sample'] / 2**20:.1f} MiB per sample + {a['per_forward'] / 2**20:.1f} MiB "
                 "per forward")

@@ -97,6 +97,16 @@ def _edm2_of(init_from) -> EDM2UNet:
     return net
 
 
+def _copy_encoder(net, unet, structural_keys, what: str) -> None:
+    """Initialises a ratio network's encoder from the teacher's (same structure required), on its device."""
+    mismatched = [k for k in structural_keys if net.encoder.config[k] != unet.config[k]]
+    if mismatched:
+        detail = ", ".join(f"{k}: {net.encoder.config[k]!r} vs {unet.config[k]!r}" for k in mismatched)
+        raise ValueError(f"ratio encoder cannot be initialised from this {what} ({detail})")
+    net.encoder.load_state_dict(unet.encoder.state_dict())
+    net.to(next(unet.parameters()).device)
+
+
 def build_ratio(kind: str, data_shape, num_classes: int = 0, sigma_data: float = 0.5, init_from=None,
                 **arch) -> RatioPrecond:
     """kind "mlp": MLP(out_dim=1) with a zero-initialised output, arch keys hidden, depth, emb_dim.
@@ -119,12 +129,7 @@ def build_ratio(kind: str, data_shape, num_classes: int = 0, sigma_data: float =
         net = EncoderRatioNet(img_channels=img_channels, resolution=resolution, num_classes=num_classes,
                               **{**defaults, **arch})
         if unet is not None:
-            mismatched = [k for k in _STRUCTURAL_KEYS if net.encoder.config[k] != unet.config[k]]
-            if mismatched:
-                detail = ", ".join(f"{k}: {net.encoder.config[k]!r} vs {unet.config[k]!r}" for k in mismatched)
-                raise ValueError(f"ratio encoder cannot be initialised from this UNet ({detail})")
-            net.encoder.load_state_dict(unet.encoder.state_dict())
-            net.to(next(unet.parameters()).device)
+            _copy_encoder(net, unet, _STRUCTURAL_KEYS, "UNet")
     elif kind == "edm2_encoder":
         _check_arch(arch, EDM2_RATIO_ARCH_KEYS, kind, "ratio")
         img_channels, resolution = _image_shape(data_shape, kind)
@@ -136,12 +141,7 @@ def build_ratio(kind: str, data_shape, num_classes: int = 0, sigma_data: float =
         net = EDM2EncoderRatioNet(img_channels=img_channels, resolution=resolution, num_classes=num_classes,
                                   **_edm2_arch(merged))
         if unet is not None:
-            mismatched = [k for k in _EDM2_STRUCTURAL_KEYS if net.encoder.config[k] != unet.config[k]]
-            if mismatched:
-                detail = ", ".join(f"{k}: {net.encoder.config[k]!r} vs {unet.config[k]!r}" for k in mismatched)
-                raise ValueError(f"EDM2 ratio encoder cannot be initialised from this EDM2 UNet ({detail})")
-            net.encoder.load_state_dict(unet.encoder.state_dict())
-            net.to(next(unet.parameters()).device)
+            _copy_encoder(net, unet, _EDM2_STRUCTURAL_KEYS, "EDM2 UNet")
     else:
         raise ValueError(f"unknown ratio kind {kind!r}; expected 'mlp', 'encoder' or 'edm2_encoder'")
     return RatioPrecond(net, sigma_data=sigma_data)

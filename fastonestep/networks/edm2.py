@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastonestep.networks.unet import resample
+
 # network.size -> model channels (EDM2's presets), and the parameter counts EDM2 publishes for them on
 # class-conditional ImageNet-512 latents (64x64x4, 1000 classes).
 EDM2_SIZES = {"xs": 128, "s": 192, "m": 256, "l": 320, "xl": 384, "xxl": 448}
@@ -118,15 +120,6 @@ class MPFourier(nn.Module):
         return y.cos() * math.sqrt(2)
 
 
-def _resample(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """2x2 box-filter downsampling or nearest-neighbour upsampling (EDM2's [1, 1] filter)."""
-    if mode == "down":
-        return F.avg_pool2d(x, 2)
-    if mode == "up":
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
-    return x
-
-
 # ---------------------------------------------------------------------------------------------------------
 # blocks
 
@@ -155,7 +148,7 @@ class EDM2Block(nn.Module):
         self.flavor, self.resample = flavor, resample
         self.dropout, self.res_balance, self.attn_balance, self.clip_act = dropout, res_balance, attn_balance, clip_act
         self.takes_skip = False  # set by the decoder for blocks that consume an encoder skip
-        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.emb_gain = nn.Parameter(torch.zeros([1]))  # shape [1], not 0-d: DeepSpeed cannot broadcast 0-d parameters
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, (3, 3))
         self.emb_linear = MPConv(emb_channels, out_channels)
         self.conv_res1 = MPConv(out_channels, out_channels, (3, 3))
@@ -169,7 +162,7 @@ class EDM2Block(nn.Module):
             self.attn_proj = MPConv(out_channels, out_channels, (1, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        x = _resample(x, self.resample)
+        x = resample(x, self.resample)  # EDM2's [1, 1] filter: 2x2 box down, nearest up
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
@@ -322,7 +315,7 @@ class EDM2UNet(nn.Module):
                 width = out
         assert not skips
         self.out_conv = MPConv(width, img_channels, (3, 3))
-        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.out_gain = nn.Parameter(torch.zeros([1]))  # shape [1], not 0-d: DeepSpeed cannot broadcast 0-d parameters
 
     @property
     def config(self) -> dict:
@@ -349,7 +342,7 @@ class EDM2UNet(nn.Module):
 class EDM2EncoderRatioNet(nn.Module):
     """DiffRatio's ratio network on an EDM2 teacher: forward(x_in, c_noise, labels=None) -> (B,) logits.
 
-    `encoder` is an `EDM2Encoder` (same parameter names as the UNet's, so `from_unet` copies a teacher's);
+    `encoder` is an `EDM2Encoder` (same parameter names as the UNet's, so build_ratio copies a teacher's);
     the head stays magnitude preserving: mp_silu, 1x1 MP conv to `head_channels` (default: the bottleneck
     width), global average pool, pixel norm, mp_sum with an MP projection of the embedding (so the logit
     can move with sigma and the class directly), mp_silu, and an MP linear to one logit whose gain starts at
@@ -368,15 +361,7 @@ class EDM2EncoderRatioNet(nn.Module):
         self.head_conv = MPConv(width, head_channels, (1, 1))
         self.head_emb = MPConv(self.encoder.emb_channels, head_channels)
         self.head_out = MPConv(head_channels, 1)
-        self.out_gain = nn.Parameter(torch.zeros([]))
-
-    @classmethod
-    def from_unet(cls, unet: EDM2UNet, init_weights: bool = True,
-                  head_channels: int | None = None) -> "EDM2EncoderRatioNet":
-        net = cls(**unet.encoder.config, head_channels=head_channels)
-        if init_weights:
-            net.encoder.load_state_dict(unet.encoder.state_dict())
-        return net.to(next(unet.parameters()).device)
+        self.out_gain = nn.Parameter(torch.zeros([1]))  # shape [1], not 0-d: DeepSpeed cannot broadcast 0-d parameters
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h, emb, _ = self.encoder(x_in, c_noise, labels)
