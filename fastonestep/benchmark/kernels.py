@@ -531,11 +531,12 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def append_rows(csv_path, rows) -> None:
-    """Appends rows to the CSV (header created if missing) by writing the whole new file, then os.replace."""
+def append_rows(csv_path, rows, columns=None) -> None:
+    """Appends rows to the CSV (header `columns`, default this benchmark's, created if missing) by writing the
+    whole new file, then os.replace. Shared by every benchmark's results file."""
     path = Path(csv_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields, old = list(COLUMNS), []
+    fields, old = list(columns or COLUMNS), []
     if path.exists() and path.stat().st_size > 0:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)

@@ -16,18 +16,16 @@ performance claims.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastonestep.benchmark.kernels import _device_info, git_commit
+from fastonestep.benchmark.kernels import _device_info, append_rows, git_commit
 
 LOADER_KINDS = ("torch", "dali")
 COLUMNS = ("loader", "images_per_sec", "seconds", "batches", "batch", "workers", "num_images", "source_size",
@@ -92,31 +90,6 @@ def time_loader(kind: str, dataset, batch: int, workers: int, device: torch.devi
     return seconds, batches * batch / seconds
 
 
-def append_csv(csv_path, rows, columns=COLUMNS) -> None:
-    """Appends rows (header created if missing): the whole new file is written, then moved into place."""
-    path = Path(csv_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old, fields = [], list(columns)
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            old = list(reader)
-            fields += [c for c in (reader.fieldnames or []) if c not in fields]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(old)
-            writer.writerows(rows)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run(num_images: int = 512, source_size=(160, 128), resolution: int = 64, batch: int = 64, batches: int = 20,
         warmup: int = 2, workers: int = 4, loaders=LOADER_KINDS, out_csv="bench/results/loader.csv",
         device=None, log=print) -> list[dict]:
@@ -149,7 +122,7 @@ def run(num_images: int = 512, source_size=(160, 128), resolution: int = 64, bat
             log(f"{kind:>6}: {rate:9.1f} images/s ({batches} batches of {batch} at {resolution}px, "
                 f"{workers} workers, {seconds:.2f}s)")
     if out_csv:
-        append_csv(out_csv, rows)
+        append_rows(out_csv, rows, COLUMNS)
         log(f"appended {len(rows)} rows to {out_csv}")
     return rows
 

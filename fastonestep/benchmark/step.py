@@ -61,8 +61,7 @@ from pathlib import Path
 
 import torch
 
-from fastonestep.benchmark.kernels import _device_info, _quantile, git_commit
-from fastonestep.benchmark.loader import append_csv
+from fastonestep.benchmark.kernels import _device_info, _quantile, append_rows, git_commit
 
 METHODS = {"diffratio": "diffratio_dijs", "dmd": "dmd2"}  # method -> preset stem in configs/imagenet512
 SIZES = ("tiny", "xs", "s", "m")
@@ -533,7 +532,7 @@ def run(cases: list[Case], out_csv: str | None = "bench/results/step.csv", isola
             rows.append(row)
             log(_row_line(row))
             if out_csv:
-                append_csv(out_csv, [row], COLUMNS)
+                append_rows(out_csv, [row], COLUMNS)
     if out_csv:
         log(f"appended {len(rows)} rows to {out_csv}")
     return rows
