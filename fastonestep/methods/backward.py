@@ -199,17 +199,6 @@ class BackwardDistillation(DistillMethod):
         return {**stats, **self.step_stats(k, torch.cat(per))}
 
     # -- persistence and evaluation -----------------------------------------------------------------------
-    def state_dict(self):
-        return {"generator": self.gen.state_dict(), "ema": self.ema.state_dict(), **self.rng_state()}
-
-    def load_state_dict(self, state):
-        self.gen.load_state_dict(state["generator"])
-        self.ema.load_state_dict(state["ema"])
-        self.load_rng_state(state)
-
-    def export_network(self):
-        return self.ema.net
-
     def _sampler(self, net):
         """The run's sampler on `net`; re-noising draws come from a fixed seed, so metrics are reproducible and
         the student and its initialisation see the same noise."""

@@ -46,14 +46,19 @@ class Method:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        raise NotImplementedError
+        """Every trained network's Trainable state (weights, optimiser) under its name, the EMA and the RNG."""
+        return {**{name: t.state_dict() for name, t in self.backend.trainables.items()},
+                "ema": self.ema.state_dict(), **self.rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
+        for name, t in self.backend.trainables.items():
+            t.load_state_dict(state[name])
+        self.ema.load_state_dict(state["ema"])
+        self.load_rng_state(state)
 
     def export_network(self) -> nn.Module:
         """The network a user samples from (EMA weights)."""
-        raise NotImplementedError
+        return self.ema.net
 
     def export_extra(self) -> dict:
         """Networks exported next to model.safetensors at the end of a run: {file stem: (module, info)}, info

@@ -172,19 +172,6 @@ class DiffRatio(DistillMethod):
         return stats
 
     # -- persistence and evaluation -----------------------------------------------------------------------
-    def state_dict(self):
-        return {"generator": self.gen.state_dict(), "ratio": self.ratio_t.state_dict(),
-                "ema": self.ema.state_dict(), **self.rng_state()}
-
-    def load_state_dict(self, state):
-        self.gen.load_state_dict(state["generator"])
-        self.ratio_t.load_state_dict(state["ratio"])
-        self.ema.load_state_dict(state["ema"])
-        self.load_rng_state(state)
-
-    def export_network(self):
-        return self.ema.net
-
     def samplers(self):
         sigma_g = self.cfg.diffratio.sigma_g
         teacher, _ = load_model(self.cfg.teacher, self.device)

@@ -270,19 +270,6 @@ class DMD(DistillMethod):
         return stats
 
     # -- persistence and evaluation -----------------------------------------------------------------------
-    def state_dict(self):
-        return {"generator": self.gen.state_dict(), "critic": self.critic_t.state_dict(),
-                "ema": self.ema.state_dict(), **self.rng_state()}
-
-    def load_state_dict(self, state):
-        self.gen.load_state_dict(state["generator"])
-        self.critic_t.load_state_dict(state["critic"])
-        self.ema.load_state_dict(state["ema"])
-        self.load_rng_state(state)
-
-    def export_network(self):
-        return self.ema.net
-
     def _student_sampler(self, net):
         levels, gen = self.levels, torch.Generator(device=self.device).manual_seed(RENOISE_SEED)
 

@@ -60,17 +60,6 @@ class EDMPretrain(Method):
         self.ema.update_from(self.denoiser, nimg + self.global_batch, self.global_batch)
         return {"loss": total, "grad_norm/denoiser": grad_norm}
 
-    def state_dict(self):
-        return {"denoiser": self.denoiser.state_dict(), "ema": self.ema.state_dict(), **self.rng_state()}
-
-    def load_state_dict(self, state):
-        self.denoiser.load_state_dict(state["denoiser"])
-        self.ema.load_state_dict(state["ema"])
-        self.load_rng_state(state)
-
-    def export_network(self):
-        return self.ema.net
-
     def samplers(self):
         d = self.cfg.diffusion
 
