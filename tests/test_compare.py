@@ -19,8 +19,11 @@ def test_student_levels_span_the_setup_range():
 
 
 def test_auxiliary_parameters_leave_out_generator_and_teacher():
-    counts = {"generator": 100, "ratio": 30, "replaced_score_networks": 200, "teacher_frozen": 100, "gan_head": 5}
+    counts = {"generator": 100, "ratio": 30, "replaced_score_networks": 200, "teacher_frozen": 100, "gan_head": 5,
+              "ratio_train_bytes": 480}
     assert compare.auxiliary_parameters(counts) == 35
+    # trained (100 + 35) x 16 bytes, frozen teacher 100 x 4, EMA 100 x 4
+    assert compare.training_state_mb(counts) * 2**20 == 135 * 16 + 400 + 400
 
 
 def test_every_method_is_in_the_table():

@@ -13,7 +13,8 @@ re-run of the command reuses finished runs and resumes interrupted ones.
 Columns: quality (toy: energy distance, modes covered of 25, high-quality fraction; MNIST: MNIST FD and
 digits covered), diversity (recall / coverage and the mean pairwise feature distance where the evaluation
 reports them), sampling steps (network evaluations), auxiliary-network parameters (everything trained
-besides the generator), seconds per generator iteration (median over log intervals), peak memory.
+besides the generator), fp32 training state (weights, gradients and Adam moments of the trained networks, the
+frozen teacher, the EMA), seconds per generator iteration (median over log intervals), peak memory.
 """
 from __future__ import annotations
 
@@ -140,10 +141,19 @@ def _sec_per_iter(rows: list[dict], batch: int) -> float | None:
 
 
 def auxiliary_parameters(counts: dict) -> int:
-    """Parameters trained besides the generator (ratio net, fake score, GAN head); the frozen teacher and
-    the 'replaced' bookkeeping entries are not counted."""
-    return sum(v for k, v in counts.items()
-               if k not in ("generator", "denoiser") and not k.startswith(("teacher", "replaced")))
+    """Parameters trained besides the generator (ratio net, fake score, GAN head); the frozen teacher, the
+    'replaced' bookkeeping entries and byte counts are not counted."""
+    return sum(v for k, v in counts.items() if k not in ("generator", "denoiser")
+               and not k.startswith(("teacher", "replaced")) and not k.endswith("_bytes"))
+
+
+def training_state_mb(counts: dict) -> float:
+    """fp32 training state while training: weights + gradients + two Adam moments (16 bytes per parameter) of
+    every trained network, 4 bytes per parameter of a teacher kept frozen, and the generator's EMA copy.
+    Exact for these single-process fp32 runs; activations are not included."""
+    trained = counts.get("generator", 0) + auxiliary_parameters(counts)
+    frozen = sum(v for k, v in counts.items() if k.startswith("teacher") and not k.endswith("_bytes"))
+    return (16 * trained + 4 * frozen + 4 * counts.get("generator", 0)) / 2**20
 
 
 QUALITY_KEYS = {"toy": ("energy_distance", "modes_covered", "hq_fraction"),
@@ -158,6 +168,7 @@ def _row(setup: Setup, entry: Entry, metrics: dict, run_dir: Path, batch: int, o
     peak = rows[-1].get("peak_memory_mb") if rows and own_peak else None
     row = {"setup": setup.name, "method": entry.label, "nfe": entry.nfe, "steps": metrics.get("steps"),
            "aux_parameters": auxiliary_parameters(metrics.get("parameters", {})),
+           "state_mb": training_state_mb(metrics.get("parameters", {})),
            "sec_per_iter": _sec_per_iter(rows, batch), "peak_memory_mb": peak, "run": str(run_dir)}
     for key in QUALITY_KEYS[setup.name] + DIVERSITY_KEYS:
         if key in model:
@@ -237,7 +248,7 @@ def markdown_table(rows: list[dict]) -> str:
     for setup in dict.fromkeys(r["setup"] for r in rows):
         sub = [r for r in rows if r["setup"] == setup]
         cols = ["method", "nfe", *QUALITY_KEYS[setup], *[k for k in DIVERSITY_KEYS if any(k in r for r in sub)],
-                "aux_parameters", "sec_per_iter", "peak_memory_mb"]
+                "aux_parameters", "state_mb", "sec_per_iter", "peak_memory_mb"]
         lines += [f"### {setup}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in sub]
         lines.append("")
