@@ -265,7 +265,7 @@ def figure(rows: list[dict], path: str) -> None:
 
     setups = list(dict.fromkeys(r["setup"] for r in rows))
     ncol = max(len([r for r in rows if r["setup"] == s]) for s in setups)
-    fig, axes = plt.subplots(len(setups), ncol, figsize=(2.2 * ncol, 2.5 * len(setups)), squeeze=False)
+    fig, axes = plt.subplots(len(setups), ncol, figsize=(2.2 * ncol, 2.7 * len(setups)), squeeze=False)
     for i, setup in enumerate(setups):
         sub = [r for r in rows if r["setup"] == setup]
         for j in range(ncol):
@@ -278,6 +278,6 @@ def figure(rows: list[dict], path: str) -> None:
                 ax.imshow(Image.open(png))
             key = QUALITY_KEYS[setup][0]
             ax.set_title(f"{sub[j]['method']}\n{key}={_fmt(sub[j].get(key))}", fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(pad=1.5)
     fig.savefig(path, dpi=120)
     plt.close(fig)
