@@ -275,7 +275,8 @@ def figure(rows: list[dict], path: str) -> None:
                 continue
             png = Path(sub[j]["run"]) / "samples.png"
             if png.exists():
-                ax.imshow(Image.open(png))
+                image = Image.open(png)
+                ax.imshow(image, cmap="gray" if image.mode in ("L", "LA") else None)
             key = QUALITY_KEYS[setup][0]
             ax.set_title(f"{sub[j]['method']}\n{key}={_fmt(sub[j].get(key))}", fontsize=7)
     fig.tight_layout(pad=1.5)
