@@ -194,9 +194,7 @@ class BackwardDistillation(DistillMethod):
             self.gen.backward(loss)
             accumulate(stats, {"gen/loss": loss.detach()}, None)
             per.append(per_chunk.detach())
-        stats["grad_norm/generator"] = self.gen.step(step)
-        self.ema.update_from(self.gen, nimg + n, n)
-        return {**stats, **self.step_stats(k, torch.cat(per))}
+        return {**self.finish_generator_step(stats, step, nimg), **self.step_stats(k, torch.cat(per))}
 
     # -- persistence and evaluation -----------------------------------------------------------------------
     def _sampler(self, net):

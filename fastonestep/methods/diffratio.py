@@ -143,7 +143,6 @@ class DiffRatio(DistillMethod):
                       "gen/grad_magnitude": logit_grad.abs().mean()}
 
     def generator_step(self, step, nimg):
-        n = self.global_batch
         labels = self.random_labels_global()
         z = self.randn_global(*self.dataset.shape)
         sigma, noise = self._sigma_global("gen"), self.randn_global(*self.dataset.shape)
@@ -159,9 +158,7 @@ class DiffRatio(DistillMethod):
                 self.gen.backward(loss)
                 accumulate(stats, {"gen/loss": loss.detach()}, None)  # already weighted
                 accumulate(stats, chunk_stats, w, counts=COUNTS)
-        stats["grad_norm/generator"] = self.gen.step(step)
-        self.ema.update_from(self.gen, nimg + n, n)
-        return stats
+        return self.finish_generator_step(stats, step, nimg)
 
     def step(self, next_batch, step, nimg):
         stats = {}

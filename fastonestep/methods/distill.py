@@ -50,6 +50,14 @@ class DistillMethod(Method):
         """A trainable copy of the teacher: every generator (and DMD's fake score) starts there."""
         return copy.deepcopy(teacher).train().requires_grad_(True)
 
+    # -- the generator's update ----------------------------------------------------------------------------
+    def finish_generator_step(self, stats: dict, step: int, nimg: int) -> dict:
+        """After the generator's gradients are accumulated: its optimiser step (grad norm into stats) and the
+        EMA update for the global batch. Expects self.gen (its Trainable) and self.ema."""
+        stats["grad_norm/generator"] = self.gen.step(step)
+        self.ema.update_from(self.gen, nimg + self.global_batch, self.global_batch)
+        return stats
+
     # -- global-batch draws of the data shape -----------------------------------------------------------------
     def noise_global(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """N(0, I) of shape (global_batch, *data shape) in `dtype` (what noise_like draws for a global-batch

@@ -246,7 +246,6 @@ class DMD(DistillMethod):
         return self.chunk_loss(self.generator_inputs(next_batch), slice(None))
 
     def generator_step(self, next_batch, step, nimg):
-        n = self.global_batch
         stats = {}
         # The GAN term backpropagates THROUGH the critic into G: its parameters are frozen meanwhile, so no
         # gradient lands on them and its engine neither accumulates nor reduces anything.
@@ -258,9 +257,7 @@ class DMD(DistillMethod):
                 self.gen.backward(loss)
                 accumulate(stats, {"gen/loss": loss.detach()}, None)
                 accumulate(stats, chunk_stats, w, counts=COUNTS)
-        stats["grad_norm/generator"] = self.gen.step(step)
-        self.ema.update_from(self.gen, nimg + n, n)
-        return stats
+        return self.finish_generator_step(stats, step, nimg)
 
     def step(self, next_batch, step, nimg):
         stats = {}
