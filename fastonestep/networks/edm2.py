@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastonestep.networks.unet import resample
+from fastonestep.networks.unet import check_unet_geometry, resample
 
 # network.size -> model channels (EDM2's presets), and the parameter counts EDM2 publishes for them on
 # class-conditional ImageNet-512 latents (64x64x4, 1000 classes).
@@ -208,13 +208,9 @@ class EDM2Encoder(nn.Module):
                  channel_mult=(1, 2, 3, 4), num_blocks: int = 3, attn_resolutions=(16, 8), num_classes: int = 0,
                  dropout: float = 0.0, label_balance: float = 0.5, channels_per_head: int = 64):
         super().__init__()
-        channel_mult = tuple(int(m) for m in channel_mult)
-        attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        channel_mult, attn_resolutions = check_unet_geometry(resolution, channel_mult, num_blocks, attn_resolutions,
+                                                             channels)
         levels = len(channel_mult)
-        if levels < 1 or num_blocks < 1 or channels < 1:
-            raise ValueError("the EDM2 UNet needs channels >= 1, at least one level and one block per level")
-        if resolution % 2 ** (levels - 1):
-            raise ValueError(f"resolution {resolution} is not divisible by 2**(levels-1) = {2 ** (levels - 1)}")
         self.config = dict(img_channels=img_channels, resolution=resolution, channels=channels,
                            channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn_resolutions,
                            num_classes=num_classes, dropout=dropout, label_balance=label_balance,

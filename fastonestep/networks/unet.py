@@ -38,6 +38,17 @@ def resample(x: torch.Tensor, mode: str) -> torch.Tensor:
     return x
 
 
+def check_unet_geometry(resolution: int, channel_mult, num_blocks: int, attn_resolutions, channels: int = 1):
+    """Validates a UNet's level structure (UNet and EDM2 UNet); returns channel_mult, attn_resolutions as int tuples."""
+    channel_mult, attn_resolutions = tuple(int(m) for m in channel_mult), tuple(int(r) for r in attn_resolutions)
+    levels = len(channel_mult)
+    if levels < 1 or num_blocks < 1 or channels < 1:
+        raise ValueError("the UNet needs channels >= 1, at least one level and one block per level")
+    if resolution % 2 ** (levels - 1):
+        raise ValueError(f"resolution {resolution} is not divisible by 2**(levels-1) = {2 ** (levels - 1)}")
+    return channel_mult, attn_resolutions
+
+
 class NoiseEmbedding(nn.Module):
     """c_noise (B,) and optional class ids (B,) -> embedding (B, emb_channels), already through SiLU.
 
@@ -135,12 +146,8 @@ class UNetEncoder(nn.Module):
                  channel_mult=(1, 2, 2), num_blocks: int = 1, attn_resolutions=(), num_classes: int = 0,
                  dropout: float = 0.0, emb_channels: int | None = None, mid_attention: bool = True):
         super().__init__()
-        channel_mult, attn_resolutions = tuple(int(m) for m in channel_mult), tuple(int(r) for r in attn_resolutions)
+        channel_mult, attn_resolutions = check_unet_geometry(resolution, channel_mult, num_blocks, attn_resolutions)
         levels = len(channel_mult)
-        if levels < 1 or num_blocks < 1:
-            raise ValueError("the UNet needs at least one level and one block per level")
-        if resolution % 2 ** (levels - 1):
-            raise ValueError(f"resolution {resolution} is not divisible by 2**(levels-1) = {2 ** (levels - 1)}")
         self.config = dict(img_channels=img_channels, resolution=resolution, channels=channels,
                            channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn_resolutions,
                            num_classes=num_classes, dropout=dropout, emb_channels=emb_channels,
