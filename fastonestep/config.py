@@ -200,6 +200,9 @@ class Config:
     method: str = "edm"  # edm (diffusion pretraining) | diffratio | dmd | dpdmd
     seed: int = 0
     teacher: str = ""  # distillation: the teacher's run directory (or its checkpoint file)
+    # distillation: dropout of every network the run trains (generator, fake score, ratio encoder), in place of
+    # the teacher's own (EDM2-M pre-trains with 0.1); 0 = off, as DMD2 trains its EDM students.
+    student_dropout: float = 0.0
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -452,6 +455,8 @@ def validate(cfg: Config) -> Config:
     for key, path in (("eval.inception", cfg.eval.inception), ("eval.fid_ref", cfg.eval.fid_ref)):
         if path and not os.path.isfile(path):  # checked now, not after hours of training
             raise ConfigError(f"config key '{key}': file '{path}' does not exist")
+    if not 0.0 <= cfg.student_dropout < 1.0:
+        raise ConfigError(f"config key 'student_dropout' must be in [0, 1); got {cfg.student_dropout!r}")
     if cfg.diffratio.sigma_min >= cfg.diffratio.sigma_max:
         raise ConfigError("config keys 'diffratio.sigma_min' < 'diffratio.sigma_max' required")
     if not cfg.train.eval_every_kimg >= 0:

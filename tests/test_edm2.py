@@ -10,7 +10,7 @@ from fastonestep.config import NetworkConfig
 from fastonestep.diffusion import EDMPrecond
 from fastonestep.engine.export import export_model, load_model, network_spec
 from fastonestep.networks import EDM2EncoderRatioNet, EDM2UNet, RatioPrecond, build_denoiser, build_ratio
-from fastonestep.networks.build import count_parameters
+from fastonestep.networks.build import count_parameters, set_dropout
 from fastonestep.networks.edm2 import (EDM2_PUBLISHED_PARAMS, EDM2_SIZES, MPConv, MPFourier, mp_cat, mp_silu,
                                        mp_sum)
 
@@ -233,9 +233,33 @@ def test_diffratio_builds_the_edm2_ratio_net_from_the_teacher():
     teacher = wake_gains(build_denoiser("edm2", (4, 8, 8), 0, 0.5, **spec["arch"]))
     for kind in ("auto", "encoder"):
         ratio_net = SimpleNamespace(kind=kind, init="teacher", head_channels=0, hidden=8, depth=1)
-        fake = SimpleNamespace(cfg=SimpleNamespace(diffratio=SimpleNamespace(ratio_net=ratio_net)),
+        fake = SimpleNamespace(cfg=SimpleNamespace(diffratio=SimpleNamespace(ratio_net=ratio_net),
+                                                   student_dropout=0.0),
                                teacher_info={"network": spec}, dataset=SimpleNamespace(shape=(4, 8, 8)),
                                num_classes=0, sigma_data=0.5)
         ratio = DiffRatio._build_ratio(fake, teacher)
         assert isinstance(ratio.net, EDM2EncoderRatioNet)
         assert torch.equal(ratio.net.encoder.conv_in.weight, teacher.net.encoder.conv_in.weight)
+
+
+def test_set_dropout_reaches_every_edm2_block_and_the_architecture_record():
+    """Distillation students take config key 'student_dropout' through set_dropout: EDM2 blocks keep their
+    dropout as a float, not an nn.Dropout, so both kinds must be reached."""
+    net = wake_gains(build_denoiser("edm2", (4, 8, 8), 0, 0.5, channels=16, channel_mult=[1, 2], num_blocks=1,
+                                    attn_resolutions=[4], dropout=0.3)).train()
+    x, sigma = torch.randn(2, 4, 8, 8), torch.full((2,), 0.7)
+
+    def stochastic():
+        with torch.no_grad():
+            torch.manual_seed(0)
+            a = net(x, sigma)
+            torch.manual_seed(1)
+            return not torch.equal(a, net(x, sigma))
+
+    assert stochastic()
+    set_dropout(net, 0.0)
+    assert not stochastic() and net.net.config["dropout"] == 0.0
+    set_dropout(net, 0.3)
+    assert stochastic()
+    with pytest.raises(ValueError, match="dropout"):
+        set_dropout(net, 1.0)

@@ -24,6 +24,7 @@ from fastonestep.engine.export import export_model, network_spec
 from fastonestep.engine.periodic_eval import eval_due, periodic_eval, truncate_eval_log
 from fastonestep.engine.stats import StatsLogger, truncate_stats
 from fastonestep.methods import make_method
+from fastonestep.methods.distill import student_spec
 
 # Keys that may change between a run and its resume: how long and how verbosely, not what is trained.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.device", "train.threads",
@@ -45,8 +46,10 @@ def _check_same_run(cfg: Config, run_dir: str) -> None:
     with open(path, encoding="utf-8") as f:
         saved = flatten(yaml.safe_load(f) or {})
     current = flatten(to_dict(cfg))
+    defaults = flatten(to_dict(Config()))  # a key added after the run was saved counts at its default value
     differ = sorted(k for k in set(saved) | set(current)
-                    if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("eval."))
+                    if saved.get(k, defaults.get(k)) != current.get(k) and k not in RESUMABLE_CHANGES
+                    and not k.startswith("eval."))
     if differ:
         raise ConfigError(f"run directory '{run_dir}' holds a run with a different config ({', '.join(differ)}); "
                           "use another --out, or the same settings to resume")
@@ -84,7 +87,8 @@ def model_info(cfg: Config, method, dataset) -> dict:
     info = {"method": cfg.method, "network": network_spec(cfg.network), "data_shape": list(dataset.shape),
             "num_classes": method.num_classes, "sigma_data": cfg.diffusion.sigma_data, "role": "denoiser"}
     if hasattr(method, "teacher_info"):  # distilled generators keep their teacher's architecture
-        info.update({k: method.teacher_info[k] for k in ("network", "sigma_data")})
+        info.update(network=student_spec(method.teacher_info["network"], cfg.student_dropout),
+                    sigma_data=method.teacher_info["sigma_data"])
     if hasattr(method, "export_info"):
         info.update(method.export_info())
     if cfg.data.kind == "latent":  # lets `fastonestep sample --vae` decode

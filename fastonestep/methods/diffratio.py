@@ -19,7 +19,7 @@ from fastonestep.engine.ema import EMA
 from fastonestep.engine.export import load_model
 from fastonestep.engine.memory import training_state_bytes
 from fastonestep.methods.base import sample_sigma
-from fastonestep.methods.distill import COUNTS, DistillMethod, accumulate
+from fastonestep.methods.distill import COUNTS, DistillMethod, accumulate, student_spec
 from fastonestep.networks.build import build_ratio, count_parameters
 
 
@@ -54,7 +54,7 @@ class DiffRatio(DistillMethod):
     # -- construction -------------------------------------------------------------------------------------
     def _build_ratio(self, teacher):
         rn = self.cfg.diffratio.ratio_net
-        spec = self.teacher_info["network"]
+        spec = student_spec(self.teacher_info["network"], self.cfg.student_dropout)
         kind = rn.kind if rn.kind != "auto" else ("encoder" if spec["kind"] in ("unet", "edm2") else "mlp")
         if kind == "encoder":
             if spec["kind"] not in ("unet", "edm2"):

@@ -18,6 +18,15 @@ from torch import nn
 from fastonestep.diffusion.samplers import edm_sample
 from fastonestep.engine.export import load_model
 from fastonestep.methods.base import Method
+from fastonestep.networks.build import set_dropout
+
+
+def student_spec(teacher_spec: dict, dropout: float) -> dict:
+    """The architecture record (network_spec) of a network copied from the teacher and trained with `dropout`."""
+    arch = dict(teacher_spec["arch"])
+    if "dropout" in arch:  # UNet and EDM2 kinds; the MLP has none
+        arch["dropout"] = dropout
+    return {**teacher_spec, "arch": arch}
 
 
 class DistillMethod(Method):
@@ -45,10 +54,10 @@ class DistillMethod(Method):
         """The teacher as a constant: eval mode, no parameter ever gets a gradient (it has no optimiser)."""
         return teacher.eval().requires_grad_(False)
 
-    @staticmethod
-    def student_from(teacher: nn.Module) -> nn.Module:
-        """A trainable copy of the teacher: every generator (and DMD's fake score) starts there."""
-        return copy.deepcopy(teacher).train().requires_grad_(True)
+    def student_from(self, teacher: nn.Module) -> nn.Module:
+        """A trainable copy of the teacher: every generator (and DMD's fake score) starts there. Its dropout is
+        config key 'student_dropout', not the teacher's."""
+        return set_dropout(copy.deepcopy(teacher), self.cfg.student_dropout).train().requires_grad_(True)
 
     # -- the generator's update ----------------------------------------------------------------------------
     def finish_generator_step(self, stats: dict, step: int, nimg: int) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from fastonestep.diffusion.precond import EDMPrecond
-from fastonestep.networks.edm2 import EDM2EncoderRatioNet, EDM2UNet, edm2_channels
+from fastonestep.networks.edm2 import EDM2Block, EDM2EncoderRatioNet, EDM2UNet, edm2_channels
 from fastonestep.networks.mlp import MLP
 from fastonestep.networks.ratio import EncoderRatioNet, RatioPrecond
 from fastonestep.networks.unet import UNet
@@ -26,6 +26,22 @@ _EDM2_STRUCTURAL_KEYS = ("img_channels", "resolution", "channels", "channel_mult
 # Keys that change parameter shapes: a ratio encoder initialised from a UNet must agree on all of them.
 _STRUCTURAL_KEYS = ("img_channels", "resolution", "channels", "channel_mult", "num_blocks", "attn_resolutions",
                     "num_classes", "emb_channels", "mid_attention")
+
+
+def set_dropout(net: nn.Module, p: float) -> nn.Module:
+    """Sets the dropout probability of every layer of `net` (UNet nn.Dropout, EDM2 blocks) in place, and the
+    `dropout` of the architecture records (`config`) that a rebuild reads. Returns `net`."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {p!r}")
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        elif isinstance(module, EDM2Block):
+            module.dropout = p
+        config = getattr(module, "config", None)
+        if isinstance(config, dict) and "dropout" in config:
+            config["dropout"] = p
+    return net
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
