@@ -17,6 +17,10 @@ An implementation asked for explicitly (argument or FASTONESTEP_IMPL) that is no
 "torch" with a warning naming it and the reason, once per implementation and process. Unknown names raise
 ValueError.
 
+On CUDA, a fused implementation is checked once per process against the eager reference before its first use
+(fastonestep.kernels.self_check: every function on small inputs, values and gradients, fp32 and bf16); if it
+fails it counts as unavailable, with a warning saying what differed. FASTONESTEP_SELF_CHECK=0 skips the check.
+
 All functions accumulate in fp32 whatever the input dtype. Fused implementations return the same values up to
 fp32 rounding, with one documented exception: the noise add_noise draws for a given `seed` depends on the
 implementation (torch.Generator for torch/ext, in-kernel Philox for triton); a seed reproduces noise within
@@ -36,6 +40,8 @@ IMPLS = ("auto", "triton", "ext", "torch")
 
 _WARNED: set = set()  # implementations whose fallback warning was already shown
 _BACKENDS: dict = {}  # "triton" / "ext" -> (module or None, reason it is unavailable)
+_CHECKED: dict = {}  # (impl, device type) -> "" when the first-use check passed, else what failed
+SELF_CHECK_DEVICES = {"cuda"}  # where fused kernels are checked on first use (CI covers the CPU paths)
 
 
 def _triton_backend():
@@ -71,6 +77,27 @@ def _triton_interpreted() -> bool:
     return mods is not None and mods[0].INTERPRETED
 
 
+def _self_check(impl: str, device: torch.device) -> tuple[bool, str]:
+    """(True, "") unless the first-use check of `impl` on this device type failed (then (False, why))."""
+    if device.type not in SELF_CHECK_DEVICES or os.environ.get("FASTONESTEP_SELF_CHECK", "1") == "0":
+        return True, ""
+    key = (impl, device.type)
+    if key not in _CHECKED:
+        _CHECKED[key] = ""  # the check calls the implementation itself, through this dispatch
+        from fastonestep.kernels import self_check
+
+        try:
+            failure = self_check.run(impl, device)
+        except Exception as exc:  # a kernel that does not compile or launch fails its check
+            failure = f"{type(exc).__name__}: {exc}"
+        _CHECKED[key] = failure or ""
+        if failure:
+            warnings.warn(f"fastonestep.losses: impl={impl!r} failed its first-use check on {device.type} against "
+                          f"the eager reference and will not be used: {failure}", RuntimeWarning, stacklevel=4)
+    failure = _CHECKED[key]
+    return (False, f"its first-use check on {device.type} failed ({failure})") if failure else (True, "")
+
+
 def impl_available(impl: str, device=None) -> tuple[bool, str]:
     """Whether `impl` can run on tensors on `device` (default CPU), and if not, why."""
     device = torch.device("cpu" if device is None else device)
@@ -83,14 +110,14 @@ def impl_available(impl: str, device=None) -> tuple[bool, str]:
         if device.type != "cuda" and not mods[0].INTERPRETED:
             return False, (f"tensors are on {device.type}; the Triton kernels run on CUDA (set TRITON_INTERPRET=1 "
                            "before importing fastonestep to run them through the interpreter, a test tool)")
-        return True, ""
+        return _self_check(impl, device)
     if impl == "ext":
         mod, reason = _ext_backend()
         if mod is None:
             return False, reason
         if device.type == "cuda" and hasattr(mod, "has_cuda_kernels") and not mod.has_cuda_kernels():
             return False, "the csrc extension was built without its CUDA kernels"
-        return True, ""
+        return _self_check(impl, device)
     raise ValueError(f"impl={impl!r} is not one of {', '.join(IMPLS)}")
 
 

@@ -1,0 +1,73 @@
+"""The first-use check of fused implementations (kernels/self_check.py, wired into fastonestep.losses): it
+passes for the correct CPU paths (the C++ op, the interpreted Triton kernels), and a kernel that is wrong in
+its value, only in its gradient, or that raises, is caught, reported, and replaced by the eager reference.
+On CUDA it runs on every first use; here "cpu" is added to the checked devices to drive the same code."""
+import pytest
+import torch
+
+from fastonestep import losses
+from fastonestep.kernels import reference as ref
+from fastonestep.kernels import self_check
+
+
+@pytest.fixture
+def checked_on_cpu(monkeypatch):
+    monkeypatch.setattr(losses, "SELF_CHECK_DEVICES", {"cpu"})
+    monkeypatch.setattr(losses, "_CHECKED", {})
+    monkeypatch.setattr(losses, "_WARNED", set())
+    monkeypatch.delenv("FASTONESTEP_IMPL", raising=False)
+    monkeypatch.delenv("FASTONESTEP_SELF_CHECK", raising=False)
+
+
+@pytest.mark.parametrize("impl", ["ext", "triton"])
+def test_correct_fused_paths_pass(impl):
+    ok, why = losses.impl_available(impl)
+    if not ok:
+        pytest.skip(why)
+    assert self_check.run(impl, "cpu") is None
+
+
+def _ext_module():
+    mod, why = losses._ext_backend()
+    if mod is None:
+        pytest.skip(why)
+    return mod
+
+
+def wrong_value(x, x_real_hat, x_fake_hat):
+    return 1.01 * ref.dmd_loss(x, x_real_hat, x_fake_hat)
+
+
+def wrong_gradient(F, x_t, x0, sigma, sigma_data):
+    """Right values, no gradient into F."""
+    return ref.denoising_loss(F.detach(), x_t, x0, sigma, sigma_data) + 0 * F.flatten(1)[:, 0]
+
+
+def raises(*args, **kwargs):
+    raise RuntimeError("kernel launch failed")
+
+
+@pytest.mark.parametrize("name, broken, expect", [("dmd_loss", wrong_value, "dmd_loss output"),
+                                                  ("denoising_loss", wrong_gradient, "denoising_loss gradient"),
+                                                  ("ratio_classifier_loss", raises, "kernel launch failed")])
+def test_a_wrong_kernel_is_caught_and_the_reference_runs_instead(checked_on_cpu, monkeypatch, name, broken, expect):
+    monkeypatch.setattr(_ext_module(), name, broken)
+    with pytest.warns(RuntimeWarning, match=f"impl='ext' failed its first-use check on cpu.*{expect}"):
+        ok, why = losses.impl_available("ext")
+    assert not ok and expect in why
+    x, real, fake = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.warns(RuntimeWarning, match="impl='ext' is not available: its first-use check"):  # the fallback
+        assert torch.equal(losses.dmd_loss(x, real, fake, impl="ext"), ref.dmd_loss(x, real, fake))
+    assert losses.resolve_impl("ext") == "torch"
+
+
+def test_the_check_runs_once_and_can_be_switched_off(checked_on_cpu, monkeypatch):
+    calls = []
+    monkeypatch.setattr(self_check, "run", lambda impl, device: calls.append(impl))
+    _ext_module()
+    for _ in range(3):
+        assert losses.resolve_impl("ext") == "ext"
+    assert calls == ["ext"]
+    monkeypatch.setattr(losses, "_CHECKED", {})
+    monkeypatch.setenv("FASTONESTEP_SELF_CHECK", "0")
+    assert losses.resolve_impl("ext") == "ext" and calls == ["ext"]
