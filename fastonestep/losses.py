@@ -19,7 +19,8 @@ ValueError.
 
 On CUDA, a fused implementation is checked once per process against the eager reference before its first use
 (fastonestep.kernels.self_check: every function on small inputs, values and gradients, fp32 and bf16); if it
-fails it counts as unavailable, with a warning saying what differed. FASTONESTEP_SELF_CHECK=0 skips the check.
+fails it counts as unavailable, with a warning saying what differed. FASTONESTEP_SELF_CHECK=0 skips the check;
+code traced by torch.compile skips it too unless an eager call ran it first.
 
 All functions accumulate in fp32 whatever the input dtype. Fused implementations return the same values up to
 fp32 rounding, with one documented exception: the noise add_noise draws for a given `seed` depends on the
@@ -82,6 +83,8 @@ def _self_check(impl: str, device: torch.device) -> tuple[bool, str]:
     if device.type not in SELF_CHECK_DEVICES or os.environ.get("FASTONESTEP_SELF_CHECK", "1") == "0":
         return True, ""
     key = (impl, device.type)
+    if key not in _CHECKED and torch.compiler.is_compiling():
+        return True, ""  # not traceable: the check runs at the first eager call
     if key not in _CHECKED:
         _CHECKED[key] = ""  # the check calls the implementation itself, through this dispatch
         from fastonestep.kernels import self_check
