@@ -71,3 +71,13 @@ def test_the_check_runs_once_and_can_be_switched_off(checked_on_cpu, monkeypatch
     monkeypatch.setattr(losses, "_CHECKED", {})
     monkeypatch.setenv("FASTONESTEP_SELF_CHECK", "0")
     assert losses.resolve_impl("ext") == "ext" and calls == ["ext"]
+
+
+def test_torch_compile_traces_through_an_unchecked_implementation(checked_on_cpu):
+    """Dynamo cannot trace the check: under torch.compile it is left for the first eager call."""
+    _ext_module()
+    x, real, fake = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    compiled = torch.compile(lambda a, b, c: losses.dmd_loss(a, b, c, impl="ext"), fullgraph=True)
+    torch.testing.assert_close(compiled(x, real, fake), ref.dmd_loss(x, real, fake))
+    assert losses._CHECKED == {}
+    assert losses.resolve_impl("ext") == "ext" and losses._CHECKED == {("ext", "cpu"): ""}
