@@ -92,6 +92,20 @@ def test_teacher_learns_the_toy(toy_teacher):
     assert trained["log_likelihood"] > before["log_likelihood"] + 5
 
 
+def test_a_checkpoint_of_another_layout_is_named_and_a_finished_run_never_reads_it(tmp_path):
+    """A checkpoint missing a network's state (another method, an older layout) stops the resume with an error
+    naming the file and the missing state; a run that is already complete returns its metrics unread."""
+    extra = ["train.checkpoint_every=5", "eval.num_samples=200"]
+    done = train(teacher_cfg("train.steps=5", *extra), str(tmp_path), **QUIET)
+    (ckpt,) = sorted(tmp_path.glob("checkpoint-*.pt"))
+    state = torch.load(ckpt, weights_only=False)
+    del state["method"]["denoiser"]
+    torch.save(state, ckpt)
+    assert train(teacher_cfg("train.steps=5", *extra), str(tmp_path), **QUIET) == done
+    with pytest.raises(ValueError, match=f"cannot resume from '{ckpt}'.*no state for denoiser"):
+        train(teacher_cfg("train.steps=10", *extra), str(tmp_path), **QUIET)
+
+
 @pytest.mark.parametrize("divergence", ["dijs", "rkl"])
 def test_diffratio_improves_on_its_initialisation(tmp_path, toy_teacher, divergence):
     cfg = student_cfg(toy_teacher, "train.steps=150", f"diffratio.divergence={divergence}")

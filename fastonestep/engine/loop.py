@@ -115,24 +115,27 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
 
     loader = make_loader(cfg, dataset, method.device, backend.rank, backend.world_size)
-    start = 0
     ckpt_path = latest_checkpoint(run_dir)
-    if ckpt_path:
-        state = load_checkpoint(ckpt_path)
-        method.load_state_dict(state["method"])
+    state = load_checkpoint(ckpt_path) if ckpt_path else None
+    start = state["step"] if state else 0
+    if start >= cfg.train.steps and os.path.exists(metrics_path):  # done: nothing to restore
+        backend.barrier()
+        log(f"run '{run_dir}' is complete ({start} steps); metrics in {metrics_path}")
+        with open(metrics_path, encoding="utf-8") as f:
+            return json.load(f)
+    if state:
+        try:
+            method.load_state_dict(state["method"])
+        except ValueError as exc:
+            raise ValueError(f"cannot resume from '{ckpt_path}': {exc}") from exc
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
         if main:
             truncate_stats(run_dir, start)
         log(f"resuming from {ckpt_path} (step {start})")
     if main:
         truncate_eval_log(run_dir, start)  # also on a fresh start: lines of an attempt that never checkpointed
     backend.barrier()
-    if start >= cfg.train.steps and os.path.exists(metrics_path):
-        log(f"run '{run_dir}' is complete ({start} steps); metrics in {metrics_path}")
-        with open(metrics_path, encoding="utf-8") as f:
-            return json.load(f)
 
     log(f"parameters: {method.parameter_counts}")
     stats = StatsLogger(run_dir, method.device, backend)

@@ -51,6 +51,10 @@ class Method:
                 "ema": self.ema.state_dict(), **self.rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in [*self.backend.trainables, "ema"] if k not in state]
+        if missing:
+            raise ValueError(f"the checkpoint has no state for {', '.join(missing)} (it holds: {', '.join(state)}); "
+                             f"it was written by another method or an older fastonestep than this {self.name!r} run")
         for name, t in self.backend.trainables.items():
             t.load_state_dict(state[name])
         self.ema.load_state_dict(state["ema"])
