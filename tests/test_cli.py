@@ -19,9 +19,11 @@ def run_cli(*args):
 
 def test_train_resume_sample_eval_round_trip(tmp_path, toy_teacher, capsys):
     out = tmp_path / "run"
-    args = ["train", PRESET, *TOY_STUDENT, f"teacher={toy_teacher}", "train.steps=12", "train.checkpoint_every=6",
-            "eval.num_samples=300", "eval.batch_size=300", "--out", str(out), "--no-progress"]
-    assert main(args[:-2] + ["train.steps=6", "--out", str(out), "--no-progress"]) == 0
+    common = ["train", PRESET, *TOY_STUDENT, f"teacher={toy_teacher}", "train.checkpoint_every=6",
+              "eval.num_samples=300", "eval.batch_size=300"]
+    args = common + ["train.steps=12", "--out", str(out), "--no-progress"]
+    assert main(common + ["train.steps=6", "--out", str(out), "--no-progress"]) == 0
+    assert "resuming from" not in capsys.readouterr().out
     assert main(args) == 0  # the same command, more steps: resumes at step 6
     assert "resuming from" in capsys.readouterr().out
     for name in ("config.yaml", "stats.jsonl", "samples.png", "metrics.json", "model.safetensors",

@@ -335,6 +335,7 @@ def fresh_dispatch(monkeypatch):
     monkeypatch.delenv("FASTONESTEP_IMPL", raising=False)
     monkeypatch.setattr(losses, "_WARNED", set())
     monkeypatch.setattr(losses, "_BACKENDS", dict(losses._BACKENDS))
+    monkeypatch.setattr(losses, "_CHECKED", {})
     return monkeypatch
 
 
@@ -365,6 +366,7 @@ def test_dispatch_auto_on_cuda_prefers_triton_then_ext(fresh_dispatch):
         pass
 
     fresh_dispatch.setattr(losses, "_triton_interpreted", lambda: False)
+    fresh_dispatch.setenv("FASTONESTEP_SELF_CHECK", "0")  # no CUDA here to check on: the order is the subject
     losses._triton_backend()
     assert losses.resolve_impl("auto", "cuda") == "triton"
     fresh_dispatch.setitem(losses._BACKENDS, "triton", (None, "simulated"))
