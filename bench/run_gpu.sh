@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every GPU-only check and measurement of the project in one command, sized for one device call (at most
+# about 9.5 minutes on one H100/H200), from the repository root:
+#
+#     bash bench/run_gpu.sh        # device tool: carry [".whl"] (bash bench/make_wheels.sh) for the ZeRO cases
+#
+# Phases, each under its own time limit, each run whatever the one before it did:
+#   1. gpu-tests (TEST_SECONDS=150): the GPU tests of the compiled Triton kernels, of the CUDA op (built just
+#      in time here) and the fused-vs-eager convergence runs on cuda; fp32, fp16, bf16.
+#   2. self-check (CHECK_SECONDS=60): kernels/self_check.py for triton and ext on cuda, as training runs it.
+#   3. bench-kernels (KERNEL_SECONDS=180): `fastonestep bench kernels --quick` (eager, torch.compile, Triton,
+#      CUDA op at B32-4x64x64 and the large size; rows are written per case, so a cut run keeps its rows).
+#   4. bench-step (STEP_SECONDS=180): bench/run_step_gpu.sh, DiffRatio vs DMD2 at EDM2-S and -M, the single
+#      backend first, then the ZeRO stages while time is left.
+# Writes each phase's log, summary.txt, kernels.csv/.png and step.csv/.md/.png to $OUT (the device runner's
+# folder), else to bench/results/. Copy the CSVs to bench/results/ and put the tables in the README.
+# Exits 0 when every phase passed, 1 otherwise, 2 without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+DEST="${OUT:-bench/results}"
+mkdir -p "$DEST"
+# A checkout used in place: fastonestep maps kernels/ itself (fastonestep/__init__.py); the JIT-built op and
+# Triton's cache stay out of $HOME.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export FASTONESTEP_CACHE="${FASTONESTEP_CACHE:-${TMPDIR:-/tmp}/fastonestep-cache}"
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA GPU: these are the GPU-only checks; on a CPU run 'make test'" >&2
+  exit 2
+fi
+
+failed=0
+phase() {  # phase NAME SECONDS COMMAND...: time-limited, logged to $DEST/NAME.log, never stops the script
+  local name=$1 seconds=$2 start=$SECONDS rc
+  shift 2
+  echo "== $name (at most ${seconds}s): $*"
+  timeout --signal=INT --kill-after=15 "$seconds" "$@" 2>&1 | tee "$DEST/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "$name: exit $rc after $((SECONDS - start))s" | tee -a "$DEST/summary.txt"
+  [ "$rc" -eq 0 ] || failed=1
+}
+
+# TRITON_INTERPRET=0: the compiled kernels (tests/conftest.py turns the interpreter on unless told otherwise).
+phase gpu-tests "${TEST_SECONDS:-150}" env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider \
+  tests/test_triton_kernels.py tests/test_ext_op.py tests/test_fused_convergence.py -k "gpu_ or cuda or converge"
+phase self-check "${CHECK_SECONDS:-60}" env TRITON_INTERPRET=0 "$PY" -c '
+import sys
+from fastonestep import losses
+results = {impl: losses.impl_available(impl, "cuda") for impl in ("triton", "ext")}
+for impl, (ok, why) in results.items():
+    print(impl + ": " + ("matches the eager reference" if ok else why))
+sys.exit(0 if all(ok for ok, _ in results.values()) else 1)'
+phase bench-kernels "${KERNEL_SECONDS:-180}" "$PY" -m fastonestep bench kernels --quick --out "$DEST/kernels.csv" \
+  --plot "$DEST/kernels.png"
+phase bench-step "${STEP_SECONDS:-180}" env OUT="$DEST" MAX_SECONDS=$(( ${STEP_SECONDS:-180} - 45 )) \
+  CASE_TIMEOUT=120 bash bench/run_step_gpu.sh
+cat "$DEST/summary.txt"
+exit "$failed"
