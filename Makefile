@@ -14,7 +14,7 @@ $(STAMP): setup.py $(PINS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check -c $(PINS) torch numpy
 	$(PIP) install -q --disable-pip-version-check -c $(PINS) --no-deps --no-build-isolation deepspeed
-	$(PIP) install -q --disable-pip-version-check -c $(PINS) -e ".[dev,dali,latent,deepspeed]"
+	$(PIP) install -q --disable-pip-version-check -c $(PINS) -e ".[dev,dali,latent,deepspeed,tensorboard]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -66,6 +66,8 @@ setup(
         # `pip install --no-deps --no-build-isolation deepspeed` (the Makefile does), then this extra.
         "deepspeed": ["deepspeed>=0.19.8,<0.20", "einops", "hjson", "msgpack", "ninja", "packaging", "psutil",
                       "py-cpuinfo", "pydantic>=2", "tqdm"],
+        # train.tensorboard (on by default): event files next to stats.jsonl; without it a run says so once.
+        "tensorboard": ["tensorboard>=2.14"],
         "dev": ["pytest>=8", "mlxtend>=0.23", "triton>=3.6,<3.8", "ninja>=1.11"],
     },
     entry_points={"console_scripts": ["fastonestep=fastonestep.cli:main"]},

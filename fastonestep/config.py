@@ -97,6 +97,7 @@ class TrainConfig:
     # (batch_size / (world_size * batch_per_gpu) rounds), never the effective batch or the lr.
     batch_per_gpu: int = 0
     eval_every_kimg: float = 0.0  # evaluate the run's model every N thousand images into eval.jsonl; 0 = off
+    tensorboard: bool = True  # also write stats and evaluations as TensorBoard events in RUN_DIR/tensorboard
 
 
 @dataclass

@@ -16,17 +16,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8, pad: int = 2) -> None:
+def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> one (H', W', C) uint8 canvas, nrow images per row."""
     imgs = to_uint8(images)
     n, h, w, c = imgs.shape
-    ncol = nrow
-    nrows = math.ceil(n / ncol)
-    canvas = np.zeros((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
+    nrows = math.ceil(n / nrow)
+    canvas = np.zeros((nrows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
     for i in range(n):
-        r, q = divmod(i, ncol)
+        r, q = divmod(i, nrow)
         y, x = pad + r * (h + pad), pad + q * (w + pad)
         canvas[y:y + h, x:x + w] = imgs[i]
-    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    return canvas
+
+
+def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8, pad: int = 2) -> None:
+    canvas = image_grid(images, nrow, pad)
+    img = Image.fromarray(canvas[..., 0] if canvas.shape[-1] == 1 else canvas)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
 

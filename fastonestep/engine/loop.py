@@ -23,12 +23,13 @@ from fastonestep.engine.evaluate import evaluate
 from fastonestep.engine.export import export_model, network_spec
 from fastonestep.engine.periodic_eval import eval_due, periodic_eval, truncate_eval_log
 from fastonestep.engine.stats import StatsLogger, truncate_stats
+from fastonestep.engine.tensorboard import open_tensorboard
 from fastonestep.methods import make_method
 from fastonestep.methods.distill import student_spec
 
 # Keys that may change between a run and its resume: how long and how verbosely, not what is trained.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.device", "train.threads",
-                     "train.eval_every_kimg", "train.batch_per_gpu")
+                     "train.eval_every_kimg", "train.batch_per_gpu", "train.tensorboard")
 
 
 def pick_device(name: str) -> torch.device:
@@ -130,14 +131,24 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
             raise ValueError(f"cannot resume from '{ckpt_path}': {exc}") from exc
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["torch_rng"])
-        if main:
-            truncate_stats(run_dir, start)
         log(f"resuming from {ckpt_path} (step {start})")
-    if main:
-        truncate_eval_log(run_dir, start)  # also on a fresh start: lines of an attempt that never checkpointed
+    if main:  # also on a fresh start: lines of an attempt that never checkpointed
+        truncate_stats(run_dir, start)
+        truncate_eval_log(run_dir, start)
     backend.barrier()
 
     log(f"parameters: {method.parameter_counts}")
+    board = open_tensorboard(cfg.train.tensorboard and main, run_dir, start + 1, log)
+    try:
+        return _train_steps(cfg, run_dir, backend, method, dataset, loader, start, board, progress, log)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _train_steps(cfg, run_dir, backend, method, dataset, loader, start, board, progress, log) -> dict:
+    """Steps start..train.steps (stats, evaluation, checkpoints), then the exports and the final metrics."""
+    main = backend.is_main
     stats = StatsLogger(run_dir, method.device, backend)
     bar = _progress_bar(start, cfg.train.steps, progress)
     t_start = time.perf_counter()
@@ -149,12 +160,17 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             line = stats.flush(done, done * batch)
+            if board is not None:
+                board.stats(line)
             if bar is not None:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in line.items() if ("loss" in k or "accuracy" in k) and v is not None})
         if eval_due(done, batch, cfg.train.eval_every_kimg):  # before the checkpoint: a crash re-runs it
+            t_eval = time.perf_counter()
             if main:  # evaluation reads the EMA, a full copy on every rank: no collective inside
-                row = periodic_eval(method, dataset, cfg, run_dir, done, done * batch)
-                stats.t0 += row["seconds"]  # evaluation time is not training time: keep it out of images/s
+                row, samples = periodic_eval(method, dataset, cfg, run_dir, done, done * batch)
+                if board is not None:
+                    board.eval(row, samples, cfg.eval.grid)
+                stats.t0 += time.perf_counter() - t_eval  # evaluation (and its logging) is not training time
             backend.barrier()
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             backend.save_checkpoint(run_dir, done, lambda: {
@@ -178,7 +194,7 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
         metrics["parameters"] = method.parameter_counts
         metrics["train_seconds_this_session"] = train_seconds
         metrics["steps"] = cfg.train.steps
-        atomic_write_json(metrics_path, metrics)
+        atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
     return backend.broadcast_object(metrics)
 
 

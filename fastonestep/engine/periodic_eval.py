@@ -55,8 +55,9 @@ def read_eval_log(run_dir: str) -> list[dict]:
     return [json.loads(ln) for ln in _read_lines(os.path.join(run_dir, EVAL_LOG))]
 
 
-def periodic_eval(method, dataset, cfg, run_dir: str, step: int, nimg: int) -> dict:
-    """Evaluates the method's first sampler now and appends the line to eval.jsonl; returns the line."""
+def periodic_eval(method, dataset, cfg, run_dir: str, step: int, nimg: int) -> tuple[dict, torch.Tensor]:
+    """Evaluates the method's first sampler now and appends the line to eval.jsonl; returns the line and the
+    samples it was computed from."""
     name, sampler = next(iter(method.samplers().items()))
     t0 = time.perf_counter()
     devices = None if method.device.type == "cuda" else []
@@ -67,4 +68,4 @@ def periodic_eval(method, dataset, cfg, run_dir: str, step: int, nimg: int) -> d
     row = {"step": step, "kimg": nimg / 1000, "sampler": name, "metrics": metrics,
            "seconds": time.perf_counter() - t0}
     append_eval_line(run_dir, row)
-    return row
+    return row, samples
