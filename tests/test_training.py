@@ -154,3 +154,19 @@ def test_teacher_metrics_are_reused_only_when_comparable(toy_teacher):
     assert method.known_metrics()[name]["energy_distance"] == teacher_metrics[name]["energy_distance"]
     _, method = build(student_cfg(toy_teacher, "eval.teacher_fd=true", "eval.num_samples=999"))
     assert method.known_metrics() == {}
+
+
+def test_several_ratio_updates_log_their_mean(toy_teacher, monkeypatch):
+    """diffratio.ratio_steps=3: each logged ratio stat is the mean over the 3 updates, not the last one's."""
+    _, method = build(student_cfg(toy_teacher, "diffratio.ratio_steps=3", "train.batch_size=64"))
+    seen = []
+    real_step = method.ratio_step
+    monkeypatch.setattr(method, "ratio_step", lambda *a: seen.append(real_step(*a)) or seen[-1])
+    batches = iter(torch.randn(3, 64, 2))
+    stats = method.step(lambda: (next(batches), None), 0, 0)
+    assert len(seen) == 3
+    for key in ("ratio/loss", "ratio/accuracy", "grad_norm/ratio"):
+        values = [float(row[key]) for row in seen]
+        assert len(set(values)) > 1, key  # the updates differ, so the mean differs from the last value
+        assert float(stats[key]) == pytest.approx(sum(values) / 3, rel=1e-6), key
+    assert "gen/loss" in stats

@@ -19,7 +19,7 @@ from fastonestep.engine.ema import EMA
 from fastonestep.engine.export import load_model
 from fastonestep.engine.memory import training_state_bytes
 from fastonestep.methods.base import sample_sigma
-from fastonestep.methods.distill import COUNTS, DistillMethod, accumulate, student_spec
+from fastonestep.methods.distill import COUNTS, DistillMethod, accumulate, repeated_updates, student_spec
 from fastonestep.networks.build import build_ratio, count_parameters
 
 
@@ -161,10 +161,11 @@ class DiffRatio(DistillMethod):
         return self.finish_generator_step(stats, step, nimg)
 
     def step(self, next_batch, step, nimg):
-        stats = {}
-        for _ in range(self.cfg.diffratio.ratio_steps):
+        def ratio_update():
             x_real, labels = next_batch()
-            stats = self.ratio_step(x_real, labels if self.conditional else None, step)
+            return self.ratio_step(x_real, labels if self.conditional else None, step)
+
+        stats = repeated_updates(self.cfg.diffratio.ratio_steps, ratio_update)
         stats.update(self.generator_step(step, nimg))
         return stats
 

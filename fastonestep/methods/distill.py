@@ -114,6 +114,15 @@ def rows(t, chunk):
 COUNTS = ("gen/nonfinite_samples",)
 
 
+def repeated_updates(n: int, update) -> dict:
+    """Runs update() n times (k ratio-classifier or fake-score updates per generator update) and returns each
+    stat's mean over the n updates (a count in COUNTS: its sum), not just the last update's."""
+    stats = {}
+    for _ in range(n):
+        accumulate(stats, update(), 1.0 / n if n > 1 else None, counts=COUNTS)
+    return stats
+
+
 def accumulate(total: dict, chunk: dict, weight: float | None, counts: tuple = ()) -> None:
     """Adds one accumulation chunk's stats into `total`: chunk means scaled by the chunk's share of the batch
     (`weight`, None for a single chunk), so they sum to the batch mean; keys in `counts` are summed as they are."""

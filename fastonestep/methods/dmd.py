@@ -45,7 +45,7 @@ from fastonestep.config import dmd_band
 from fastonestep.diffusion.samplers import karras_sigmas, student_sample
 from fastonestep.engine.ema import EMA
 from fastonestep.methods.base import sample_sigma
-from fastonestep.methods.distill import COUNTS, DistillMethod, accumulate, rows
+from fastonestep.methods.distill import COUNTS, DistillMethod, accumulate, repeated_updates, rows
 from fastonestep.networks.build import count_parameters
 from fastonestep.networks.heads import GANHead
 
@@ -260,9 +260,7 @@ class DMD(DistillMethod):
         return self.finish_generator_step(stats, step, nimg)
 
     def step(self, next_batch, step, nimg):
-        stats = {}
-        for _ in range(self.cfg.dmd.fake_steps):
-            stats = self.fake_step(next_batch, step)
+        stats = repeated_updates(self.cfg.dmd.fake_steps, lambda: self.fake_step(next_batch, step))
         stats.update(self.generator_step(next_batch, step, nimg))
         return stats
 
