@@ -5,9 +5,10 @@
 #     bash bench/run_gpu.sh        # device tool: carry [".whl"] (bash bench/make_wheels.sh) for the ZeRO cases
 #
 # Phases, each under its own time limit, each run whatever the one before it did:
-#   1. gpu-tests (TEST_SECONDS=150): the GPU tests of the compiled Triton kernels, of the CUDA op (built just
-#      in time here) and the fused-vs-eager convergence runs on cuda; fp32, fp16, bf16.
-#   2. self-check (CHECK_SECONDS=60): kernels/self_check.py for triton and ext on cuda, as training runs it.
+#   1. gpu-tests (TEST_SECONDS=180): the GPU tests of the compiled Triton kernels, of the CUDA op (built just
+#      in time here), the fused-vs-eager convergence runs on cuda (fp32, fp16, bf16), and the count of host
+#      synchronisations in a training step (tests/test_host_sync.py).
+#   2. self-check (CHECK_SECONDS=30): kernels/self_check.py for triton and ext on cuda, as training runs it.
 #   3. bench-kernels (KERNEL_SECONDS=180): `fastonestep bench kernels --quick` (eager, torch.compile, Triton,
 #      CUDA op at B32-4x64x64 and the large size; rows are written per case, so a cut run keeps its rows).
 #   4. bench-step (STEP_SECONDS=180): bench/run_step_gpu.sh, DiffRatio vs DMD2 at EDM2-S and -M, the single
@@ -41,9 +42,10 @@ phase() {  # phase NAME SECONDS COMMAND...: time-limited, logged to $DEST/NAME.l
 }
 
 # TRITON_INTERPRET=0: the compiled kernels (tests/conftest.py turns the interpreter on unless told otherwise).
-phase gpu-tests "${TEST_SECONDS:-150}" env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider \
-  tests/test_triton_kernels.py tests/test_ext_op.py tests/test_fused_convergence.py -k "gpu_ or cuda or converge"
-phase self-check "${CHECK_SECONDS:-60}" env TRITON_INTERPRET=0 "$PY" -c '
+phase gpu-tests "${TEST_SECONDS:-180}" env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider \
+  tests/test_triton_kernels.py tests/test_ext_op.py tests/test_fused_convergence.py tests/test_host_sync.py \
+  -k "gpu_ or cuda or converge"
+phase self-check "${CHECK_SECONDS:-30}" env TRITON_INTERPRET=0 "$PY" -c '
 import sys
 from fastonestep import losses
 results = {impl: losses.impl_available(impl, "cuda") for impl in ("triton", "ext")}

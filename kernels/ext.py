@@ -41,6 +41,7 @@ import torch
 
 from fastonestep.kernels import reference as _ref
 from fastonestep.kernels.reference import DIVERGENCES
+from fastonestep.tensors import device_tensor
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPP_SOURCE = "fused_losses.cpp"
@@ -335,7 +336,7 @@ def _promote(*tensors):
 
 
 def _per_sample(v, n: int, like: torch.Tensor) -> torch.Tensor:
-    v = torch.as_tensor(v, dtype=_acc(like.dtype), device=like.device).reshape(-1)
+    v = device_tensor(v, _acc(like.dtype), like.device).reshape(-1)
     return v.expand(n) if v.numel() == 1 else v
 
 

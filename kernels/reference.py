@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastonestep.tensors import device_tensor
+
 DIVERGENCES = ("rkl", "dijs", "fkl", "hellinger")
 
 
 def per_sample(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Broadcasts a (B,) coefficient over the remaining dimensions of `like`."""
-    c = torch.as_tensor(c, dtype=torch.float32, device=like.device)
+    c = device_tensor(c, torch.float32, like.device)
     if c.ndim == 0:
         c = c.expand(like.shape[0])
     return c.reshape((-1,) + (1,) * (like.ndim - 1))
@@ -31,7 +33,7 @@ def add_noise(x0, alpha, sigma, noise=None, seed=None):
 
 def denoising_loss(F_out, x_t, x0, sigma, sigma_data):
     """Per-sample EDM loss lambda(sigma) * mean_elements (c_skip x_t + c_out F - x0)^2."""
-    s = torch.as_tensor(sigma, dtype=torch.float32, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+    s = device_tensor(sigma, torch.float32, x_t.device).reshape(-1).expand(x_t.shape[0])
     sd2 = sigma_data**2
     c_skip = sd2 / (s**2 + sd2)
     c_out = s * sigma_data / (s**2 + sd2).sqrt()
@@ -97,7 +99,7 @@ def ratio_generator_gradient(logit_grad, logits, weight=None, divergence="rkl", 
     grad = logit_grad.float()
     coef = divergence_weight(logits, divergence, clamp)
     if weight is not None:
-        coef = coef * torch.as_tensor(weight, dtype=torch.float32, device=grad.device).reshape(-1)
+        coef = coef * device_tensor(weight, torch.float32, grad.device).reshape(-1)
     if normalize:
         coef = coef / _sample_normaliser(grad, eps)
     g = per_sample(coef, grad) * grad
@@ -114,7 +116,7 @@ def ratio_classifier_loss(logits_gen, logits_real, weight=None):
     """Logistic loss, generated = 1, real = 0: mean_i w_i (softplus(-l_gen_i) + softplus(l_real_i))."""
     per = F.softplus(-logits_gen.float()) + F.softplus(logits_real.float())
     if weight is not None:
-        per = per * torch.as_tensor(weight, dtype=torch.float32, device=per.device).reshape(-1)
+        per = per * device_tensor(weight, torch.float32, per.device).reshape(-1)
     return per.mean()
 
 
@@ -134,7 +136,7 @@ def latent_sample(mean, std=None, z=None, scale=None, bias=None, seed=None):
         x = x + std.float() * z.float()
 
     def channel(v):
-        v = torch.as_tensor(v, dtype=torch.float32, device=mean.device).reshape(-1)
+        v = device_tensor(v, torch.float32, mean.device).reshape(-1)
         return v if v.numel() == 1 else v.reshape((1, -1) + (1,) * (mean.ndim - 2))
 
     if scale is not None:

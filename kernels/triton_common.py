@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastonestep.tensors import device_tensor
+
 # Largest finite fp32: |v| <= FLT_MAX is False for NaN and +-Inf, the finiteness test used in kernels.
 FLT_MAX = 3.4028234663852886e38
 _MAX_GRID_Y = 65535
@@ -95,7 +97,7 @@ def rows_view(t: torch.Tensor, B: int, name: str) -> torch.Tensor:
 
 def per_sample_vector(v, B: int, device, name: str) -> torch.Tensor:
     """A python float, a 0-d tensor, a (1,) or a (B,) tensor -> contiguous fp32 (B,)."""
-    v = torch.as_tensor(v, dtype=torch.float32, device=device).detach()
+    v = device_tensor(v, torch.float32, device).detach()
     if v.numel() == 1:
         return v.reshape(1).expand(B).contiguous()
     if v.numel() != B:

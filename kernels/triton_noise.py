@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastonestep.tensors import device_tensor
+
 from . import triton_common as tc
 
 LATENT_STREAM_OFFSET = 1 << 62  # counter offset of the latent (z) stream relative to the eps stream
@@ -80,7 +82,7 @@ def _channel_vector(v, x: torch.Tensor, name: str):
     """(vector fp32, INNER, NCH) for a per-channel (dimension 1) scale or bias; a scalar broadcasts."""
     if v is None:
         return None
-    v = torch.as_tensor(v, dtype=torch.float32, device=x.device).detach().reshape(-1).contiguous()
+    v = device_tensor(v, torch.float32, x.device).detach().reshape(-1).contiguous()
     if v.numel() == 1:
         return v
     if x.ndim < 2 or v.numel() != x.shape[1]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from fastonestep.diffusion.conversions import from_x0, to_x0
+from fastonestep.tensors import device_tensor
 
 PARAMETERIZATIONS = ("x0", "eps")
 
@@ -44,7 +45,7 @@ def student_prediction(net, x: torch.Tensor, sigma: float, parameterization: str
     noise correction for eps-parameterised students."""
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
-    s = torch.tensor(sigma, dtype=torch.float32, device=x.device)
+    s = device_tensor(sigma, torch.float32, x.device)
     d = net(x, s, labels)
     if parameterization == "x0":
         return d

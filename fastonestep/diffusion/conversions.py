@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import torch
 
+from fastonestep.tensors import device_tensor
+
 KINDS = ("x0", "eps", "v", "flow")
 
 
 def _b(c, like):
-    c = torch.as_tensor(c, dtype=like.dtype, device=like.device)
+    c = device_tensor(c, like.dtype, like.device)
     return c.reshape((-1,) + (1,) * (like.ndim - 1)) if c.ndim else c
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastonestep.tensors import device_tensor
+
 
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float):
     """Returns (c_skip, c_out, c_in, c_noise) as fp32 tensors shaped like sigma."""
@@ -63,7 +65,7 @@ class EDMPrecond(nn.Module):
 
 def _as_batch(sigma, x: torch.Tensor) -> torch.Tensor:
     """Accepts a python float, a 0-d tensor or a per-sample vector; returns a (B,) fp32 tensor."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    sigma = device_tensor(sigma, torch.float32, x.device)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     return sigma.reshape(x.shape[0])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from fastonestep.tensors import device_tensor
+
 SOLVERS = ("euler", "heun")
 
 
@@ -88,7 +90,7 @@ def student_sample(generator_denoiser, z: torch.Tensor, sigmas, labels=None,
                          f"got {len(noises)} noise tensors")
     x = z * levels[0]
     for k, sigma in enumerate(levels):
-        x0 = generator_denoiser(x, torch.tensor(sigma, dtype=_state_dtype(z), device=z.device), labels)
+        x0 = generator_denoiser(x, device_tensor(sigma, _state_dtype(z), z.device), labels)
         if k + 1 < len(levels):
             noise = (noises[k] if noises is not None
                      else torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))

@@ -96,6 +96,9 @@ class BackwardDistillation(DistillMethod):
         d = cfg.diffusion
         self.shifted_levels = shifted_sigma(torch.tensor(self.levels, dtype=torch.float64), b,
                                             d.sigma_min, d.sigma_max).tolist()
+        # The same levels as device tensors, made once: indexing them by a batch of steps k needs no host copy.
+        self.level_table = torch.tensor(self.levels, dtype=torch.float32, device=device)
+        self.shifted_table = torch.tensor(self.shifted_levels, dtype=torch.float32, device=device)
         self.generator = self.student_from(self.teacher)
         self.ema = EMA(self.generator, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup)
         self.parameter_counts = {"generator": count_parameters(self.generator),
@@ -127,7 +130,7 @@ class BackwardDistillation(DistillMethod):
     def teacher_target(self, x_shift: torch.Tensor, k: torch.Tensor, labels=None) -> torch.Tensor:
         """The frozen teacher's clean estimate from x_shift (noised to s' = shifted_levels[k])."""
         b, d = self.cfg.backward, self.cfg.diffusion
-        s_shift = torch.tensor(self.shifted_levels, dtype=torch.float32, device=k.device)[k]
+        s_shift = self.shifted_table[k]
         if b.teacher_steps == 1:
             return self.teacher(x_shift, s_shift, labels)
         target = torch.empty_like(x_shift)
@@ -145,12 +148,12 @@ class BackwardDistillation(DistillMethod):
         Returns (scalar loss, per-sample loss). Re-noising: `noise` (drawn in advance), else drawn from
         self.rng."""
         b = self.cfg.backward
-        sigma = torch.tensor(self.levels, dtype=torch.float32, device=x_in.device)[k]
+        sigma = self.level_table[k]
         F, c_skip, c_out = self.gen.module(x_in, sigma, labels)
         shape = (-1,) + (1,) * (x_in.ndim - 1)
         with torch.no_grad():  # x0_s itself, only as the start of the (detached) target
             x0_s = (c_skip.reshape(shape) * x_in.float() + c_out.reshape(shape) * F.float()).to(x_in.dtype)
-            s_shift = torch.tensor(self.shifted_levels, dtype=torch.float32, device=x_in.device)[k]
+            s_shift = self.shifted_table[k]
             noise = self.noise_like(x0_s) if noise is None else noise
             x_shift = losses.add_noise(x0_s, 1.0, s_shift, noise=noise, impl=self.impl)
         target = self.teacher_target(x_shift, k, labels)
