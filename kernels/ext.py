@@ -98,9 +98,15 @@ def _ops_registered() -> bool:
 
 
 def _first_errors(message: str, limit: int = 12) -> str:
+    """The compiler's and linker's error lines of a failed build (all lines when none look like errors), with
+    a hint for the one failure that is about the machine rather than the sources: a CUDA runtime not found."""
     lines = [ln.rstrip() for ln in message.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if re.search(r"\berror\b|fatal|undefined", ln, re.IGNORECASE)]
+    errors = [ln for ln in lines if re.search(r"\berror\b|fatal|undefined|cannot find|no such file", ln,
+                                              re.IGNORECASE)]
     picked = (errors or lines)[:limit]
+    if re.search(r"cannot find -lcudart", message):
+        picked.append("hint: the linker looked for libcudart under CUDA_HOME; set CUDA_HOME to the CUDA toolkit's "
+                      "root (the folder whose lib64/ or lib/ holds libcudart.so)")
     return "\n  ".join(picked) if picked else message
 
 

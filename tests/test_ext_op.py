@@ -252,6 +252,24 @@ def test_errors(ext):
         ext.dmd_loss(torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 3))
 
 
+def test_build_errors_name_the_failing_line_and_a_missing_cuda_runtime():
+    """What a failed JIT build reports: the compiler's / linker's error lines, not ninja's command lines (this
+    linker output is what a CUDA torch printed here when CUDA_HOME pointed at a folder without libcudart)."""
+    ninja_output = (
+        "[1/3] c++ -MMD -MF fused_losses.o.d -O3 -c csrc/fused_losses.cpp -o fused_losses.o\n"
+        "[3/3] c++ fused_losses.o fused_losses_cuda.cuda.o -shared -L/usr/local/lib -lcudart -o ext.so\n"
+        "FAILED: [code=1] ext.so\n"
+        "/usr/bin/ld: cannot find -lcudart: No such file or directory\n"
+        "collect2: error: ld returned 1 exit status\n"
+        "ninja: build stopped: subcommand failed.\n")
+    report = ext_module._first_errors(ninja_output)
+    assert "cannot find -lcudart" in report and "collect2: error" in report
+    assert "-MMD" not in report
+    assert "set CUDA_HOME" in report
+    compile_error = "[1/2] c++ -c a.cpp\na.cpp:3:1: error: expected ';' before '}' token\nninja: build stopped"
+    assert ext_module._first_errors(compile_error) == "a.cpp:3:1: error: expected ';' before '}' token"
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
