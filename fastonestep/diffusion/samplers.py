@@ -46,15 +46,17 @@ def ode_solve(denoiser, x: torch.Tensor, sigmas, solver: str = "heun", labels=No
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
     dtype = _state_dtype(x)
-    sigmas = torch.as_tensor(sigmas, dtype=dtype, device=x.device).reshape(-1)
-    levels = sigmas.tolist()  # python floats for the step arithmetic and branching: one sync, not one per step
+    # Python floats (rounded to the state's dtype) for the step arithmetic and branching, and device fills of them
+    # for the denoiser: a grid given on the CPU costs no host synchronisation, a grid on the GPU one.
+    levels = torch.as_tensor(sigmas, dtype=dtype).reshape(-1).tolist()
+    sigma_at = [device_tensor(s, dtype, x.device) for s in levels]
     state = x.to(dtype)
     for i in range(len(levels) - 1):
         s_cur, s_next = levels[i], levels[i + 1]
-        slope = (state - denoiser(state, sigmas[i], labels).to(dtype)) / s_cur
+        slope = (state - denoiser(state, sigma_at[i], labels).to(dtype)) / s_cur
         x_next = state + (s_next - s_cur) * slope
         if solver == "heun" and s_next > 0:
-            slope_next = (x_next - denoiser(x_next, sigmas[i + 1], labels).to(dtype)) / s_next
+            slope_next = (x_next - denoiser(x_next, sigma_at[i + 1], labels).to(dtype)) / s_next
             x_next = state + (s_next - s_cur) * 0.5 * (slope + slope_next)
         state = x_next
     return state.to(x.dtype)
@@ -65,7 +67,7 @@ def edm_sample(denoiser, noise: torch.Tensor, num_steps: int = 18, sigma_min: fl
                sigma_max: float = 80.0, rho: float = 7.0, solver: str = "heun", labels=None) -> torch.Tensor:
     """Deterministic EDM sampler: x = noise * sigma_max, then the ODE along karras_sigmas(num_steps, ...)
     to sigma = 0. Heun costs 2 * num_steps - 1 denoiser calls, Euler num_steps. Returns x0 in noise's dtype."""
-    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho, device=noise.device)
+    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)  # on the CPU: ode_solve needs no copy back
     x = noise.to(_state_dtype(noise)) * sigma_max
     return ode_solve(denoiser, x, sigmas, solver=solver, labels=labels).to(noise.dtype)
 

@@ -138,7 +138,7 @@ class BackwardDistillation(DistillMethod):
             idx = (k == j).nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue
-            grid = karras_sigmas(b.teacher_steps, min(d.sigma_min, s), s, d.rho, device=x_shift.device)
+            grid = karras_sigmas(b.teacher_steps, min(d.sigma_min, s), s, d.rho)
             target[idx] = ode_solve(self.teacher, x_shift[idx], grid, b.teacher_solver,
                                     None if labels is None else labels[idx])
         return target

@@ -53,7 +53,7 @@ class DPDMD(DMD):
     def first_step_target(self, x: torch.Tensor, labels=None) -> torch.Tensor:
         """x0* from the teacher's ODE s_1 -> s_2 started at x (no gradient)."""
         dp, s1, s2 = self.cfg.dpdmd, self.levels[0], self.levels[1]
-        grid = karras_sigmas(dp.teacher_steps + 1, s2, s1, self.cfg.diffusion.rho, device=x.device)[:-1]
+        grid = karras_sigmas(dp.teacher_steps + 1, s2, s1, self.cfg.diffusion.rho)[:-1]
         with torch.no_grad():
             x_end = ode_solve(self.teacher, x, grid, solver=dp.teacher_solver, labels=labels)
         return ddim_target(x_end, x, s1, s2)
