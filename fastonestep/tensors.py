@@ -8,6 +8,7 @@ every place that turns "a number or a tensor" into a device tensor goes through 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -18,3 +19,13 @@ def device_tensor(v, dtype: torch.dtype, device) -> torch.Tensor:
     if isinstance(v, (int, float)):  # bool and numpy.float64 included
         return torch.full((), float(v), dtype=dtype, device=device)
     return torch.as_tensor(v, dtype=dtype, device=device)
+
+
+def python_floats(values, dtype: torch.dtype = torch.float32) -> list[float]:
+    """A tensor, a number or a sequence of numbers as a list of Python floats, without making a tensor of Python
+    data. Numbers are rounded to `dtype` first, exactly as torch.as_tensor(values, dtype) would round them; a
+    tensor keeps its own values (reading one that lives on a GPU costs a synchronisation)."""
+    if isinstance(values, torch.Tensor):
+        return [float(v) for v in values.reshape(-1).tolist()]
+    rounded = np.asarray(values, dtype={torch.float32: np.float32, torch.float64: np.float64}[dtype])
+    return [float(v) for v in rounded.reshape(-1).tolist()]

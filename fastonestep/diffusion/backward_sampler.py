@@ -25,13 +25,13 @@ from __future__ import annotations
 import torch
 
 from fastonestep.diffusion.conversions import from_x0, to_x0
-from fastonestep.tensors import device_tensor
+from fastonestep.tensors import device_tensor, python_floats
 
 PARAMETERIZATIONS = ("x0", "eps")
 
 
 def _levels(sigmas) -> list[float]:
-    levels = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).tolist()]
+    levels = python_floats(sigmas, torch.float64)
     if levels and levels[-1] == 0:  # a karras_sigmas-style trailing 0 is not a student level
         levels = levels[:-1]
     if not levels or min(levels) <= 0 or any(b >= a for a, b in zip(levels, levels[1:])):

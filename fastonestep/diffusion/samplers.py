@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fastonestep.tensors import device_tensor
+from fastonestep.tensors import device_tensor, python_floats
 
 SOLVERS = ("euler", "heun")
 
@@ -82,7 +82,7 @@ def student_sample(generator_denoiser, z: torch.Tensor, sigmas, labels=None,
     `noises`: the re-noising tensors (one per level after the first) drawn in advance, used instead of drawing
     from `generator` (distributed training draws them for the global batch and passes this rank's slice).
     """
-    levels = [float(s) for s in torch.as_tensor(sigmas).reshape(-1).tolist()]
+    levels = python_floats(sigmas)
     if levels and levels[-1] == 0:
         levels = levels[:-1]
     if not levels or min(levels) <= 0:
