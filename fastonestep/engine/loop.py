@@ -23,7 +23,7 @@ from fastonestep.engine.evaluate import evaluate
 from fastonestep.engine.export import export_model, network_spec
 from fastonestep.engine.periodic_eval import eval_due, periodic_eval, truncate_eval_log
 from fastonestep.engine.stats import StatsLogger, truncate_stats
-from fastonestep.engine.tensorboard import open_tensorboard
+from fastonestep.engine.tensorboard import tensorboard_log
 from fastonestep.methods import make_method
 from fastonestep.methods.distill import student_spec
 
@@ -138,48 +138,40 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
     backend.barrier()
 
     log(f"parameters: {method.parameter_counts}")
-    board = open_tensorboard(cfg.train.tensorboard and main, run_dir, start + 1, log)
-    try:
-        return _train_steps(cfg, run_dir, backend, method, dataset, loader, start, board, progress, log)
-    finally:
-        if board is not None:
-            board.close()
-
-
-def _train_steps(cfg, run_dir, backend, method, dataset, loader, start, board, progress, log) -> dict:
-    """Steps start..train.steps (stats, evaluation, checkpoints), then the exports and the final metrics."""
-    main = backend.is_main
-    stats = StatsLogger(run_dir, method.device, backend)
-    bar = _progress_bar(start, cfg.train.steps, progress)
-    t_start = time.perf_counter()
-    batch = cfg.train.batch_size
-    for step in range(start, cfg.train.steps):
-        with backend.autocast():
-            row = method.step(loader.next, step, step * batch)
-        stats.add(row, batch)
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            line = stats.flush(done, done * batch)
-            if board is not None:
-                board.stats(line)
-            if bar is not None:
-                bar.set_postfix({k: f"{v:.3g}" for k, v in line.items() if ("loss" in k or "accuracy" in k) and v is not None})
-        if eval_due(done, batch, cfg.train.eval_every_kimg):  # before the checkpoint: a crash re-runs it
-            t_eval = time.perf_counter()
-            if main:  # evaluation reads the EMA, a full copy on every rank: no collective inside
-                row, samples = periodic_eval(method, dataset, cfg, run_dir, done, done * batch)
+    # TensorBoard lives as long as the steps: closed (flushed) after the last one, or when a step raises.
+    with tensorboard_log(cfg.train.tensorboard and main, run_dir, start + 1, log) as board:
+        stats = StatsLogger(run_dir, method.device, backend)
+        bar = _progress_bar(start, cfg.train.steps, progress)
+        t_start = time.perf_counter()
+        batch = cfg.train.batch_size
+        for step in range(start, cfg.train.steps):
+            with backend.autocast():
+                row = method.step(loader.next, step, step * batch)
+            stats.add(row, batch)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                line = stats.flush(done, done * batch)
                 if board is not None:
-                    board.eval(row, samples, cfg.eval.grid)
-                stats.t0 += time.perf_counter() - t_eval  # evaluation (and its logging) is not training time
-            backend.barrier()
-        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            backend.save_checkpoint(run_dir, done, lambda: {
-                "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
-                "torch_rng": torch.get_rng_state()})
+                    board.stats(line)
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in line.items()
+                                     if ("loss" in k or "accuracy" in k) and v is not None})
+            if eval_due(done, batch, cfg.train.eval_every_kimg):  # before the checkpoint: a crash re-runs it
+                if main:  # evaluation reads the EMA, a full copy on every rank: no collective inside
+                    t_eval = time.perf_counter()
+                    row, samples = periodic_eval(method, dataset, cfg, run_dir, done, done * batch)
+                    if board is not None:
+                        board.eval(row, samples, cfg.eval.grid)
+                    stats.t0 += time.perf_counter() - t_eval  # evaluation (and its logging) is not training time
+                backend.barrier()
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+                backend.save_checkpoint(run_dir, done, lambda: {
+                    "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
+                    "torch_rng": torch.get_rng_state()})
+            if bar is not None:
+                bar.update(1)
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     train_seconds = time.perf_counter() - t_start
 
     with backend.gathered():  # ZeRO-3: trained networks whole on every rank (collective) for the exports
@@ -194,7 +186,7 @@ def _train_steps(cfg, run_dir, backend, method, dataset, loader, start, board, p
         metrics["parameters"] = method.parameter_counts
         metrics["train_seconds_this_session"] = train_seconds
         metrics["steps"] = cfg.train.steps
-        atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
+        atomic_write_json(metrics_path, metrics)
     return backend.broadcast_object(metrics)
 
 

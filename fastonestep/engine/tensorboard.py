@@ -10,6 +10,7 @@ a crashed attempt logged after its last checkpoint, as stats.jsonl and eval.json
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -60,15 +61,21 @@ class TensorBoardLog:
         self.writer.close()
 
 
-def open_tensorboard(enabled: bool, run_dir: str, first_step: int, log=print) -> TensorBoardLog | None:
-    """The run's TensorBoard log, or None when it is off or the tensorboard package is missing (said once)."""
-    if not enabled:
-        return None
+@contextlib.contextmanager
+def tensorboard_log(enabled: bool, run_dir: str, first_step: int, log=print):
+    """The run's TensorBoard log for the duration of a `with` block, closed (flushed) at its end; None when it is
+    off or the tensorboard package is missing (said once)."""
+    board = None
+    if enabled:
+        try:
+            board = TensorBoardLog(run_dir, first_step)
+        except ImportError:
+            log(MISSING)
     try:
-        return TensorBoardLog(run_dir, first_step)
-    except ImportError:
-        log(MISSING)
-        return None
+        yield board
+    finally:
+        if board is not None:
+            board.close()
 
 
-__all__ = ["LOG_DIR", "TensorBoardLog", "open_tensorboard"]
+__all__ = ["LOG_DIR", "TensorBoardLog", "tensorboard_log"]
