@@ -7,7 +7,8 @@
 # Phases, each under its own time limit, each run whatever the one before it did:
 #   1. gpu-tests (TEST_SECONDS=180): the GPU tests of the compiled Triton kernels, of the CUDA op (built just
 #      in time here), the fused-vs-eager convergence runs on cuda (fp32, fp16, bf16), and the count of host
-#      synchronisations in a training step (tests/test_host_sync.py).
+#      synchronisations in a training step (tests/test_host_sync.py), and what activation checkpointing holds
+#      in CUDA memory (tests/test_activation_checkpointing.py).
 #   2. self-check (CHECK_SECONDS=30): kernels/self_check.py for triton and ext on cuda, as training runs it.
 #   3. bench-kernels (KERNEL_SECONDS=180): `fastonestep bench kernels --quick` (eager, torch.compile, Triton,
 #      CUDA op at B32-4x64x64 and the large size; rows are written per case, so a cut run keeps its rows).
@@ -44,6 +45,7 @@ phase() {  # phase NAME SECONDS COMMAND...: time-limited, logged to $DEST/NAME.l
 # TRITON_INTERPRET=0: the compiled kernels (tests/conftest.py turns the interpreter on unless told otherwise).
 phase gpu-tests "${TEST_SECONDS:-180}" env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider \
   tests/test_triton_kernels.py tests/test_ext_op.py tests/test_fused_convergence.py tests/test_host_sync.py \
+  tests/test_activation_checkpointing.py \
   -k "gpu_ or cuda or converge"
 phase self-check "${CHECK_SECONDS:-30}" env TRITON_INTERPRET=0 "$PY" -c '
 import sys
@@ -55,6 +57,6 @@ sys.exit(0 if all(ok for ok, _ in results.values()) else 1)'
 phase bench-kernels "${KERNEL_SECONDS:-180}" "$PY" -m fastonestep bench kernels --quick --out "$DEST/kernels.csv" \
   --plot "$DEST/kernels.png"
 phase bench-step "${STEP_SECONDS:-180}" env OUT="$DEST" MAX_SECONDS=$(( ${STEP_SECONDS:-180} - 45 )) \
-  CASE_TIMEOUT=120 bash bench/run_step_gpu.sh
+  CASE_TIMEOUT=120 CKPT=off bash bench/run_step_gpu.sh
 cat "$DEST/summary.txt"
 exit "$failed"

@@ -13,7 +13,8 @@
 # (deepspeed missing, a method not on the distributed API yet) becomes a `skipped` row with the reason.
 #
 # Budget: about 8 minutes on one H100 (16 cases x ~25 s; cases not started after MAX_SECONDS are recorded as
-# skipped). Knobs (environment): WARMUP=5 ITERS=10 BATCH=s=32,m=16 SIZES=s,m MAX_SECONDS=420 CASE_TIMEOUT=150.
+# skipped), plus about 2 minutes for the activation-checkpointing cases. Knobs (environment): WARMUP=5 ITERS=10
+# BATCH=s=32,m=16 SIZES=s,m MAX_SECONDS=420 CASE_TIMEOUT=150 CKPT=on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -63,6 +64,11 @@ COMMON=(--methods diffratio,dmd --sizes "$SIZES" --batch-per-gpu "$BATCH" --warm
   2>&1 | tee "$DEST/step-sweep.log"
 if [ "$NGPU" -gt 1 ]; then
   "$PY" -m fastonestep bench step "${COMMON[@]}" --backends ddp,zero2,zero1,zero3 --nproc "$NGPU" \
+    --max-seconds "$MAX_SECONDS" 2>&1 | tee -a "$DEST/step-sweep.log"
+fi
+# What train.activation_checkpointing costs in images/s and saves in peak memory (single backend; CKPT=off skips).
+if [ "${CKPT:-on}" = "on" ]; then
+  "$PY" -m fastonestep bench step "${COMMON[@]}" --backends single --activation-checkpointing on \
     --max-seconds "$MAX_SECONDS" 2>&1 | tee -a "$DEST/step-sweep.log"
 fi
 "$PY" -m fastonestep bench step --no-run --out "$DEST/step.csv" "${PLOT[@]}" > "$DEST/step.md"

@@ -46,3 +46,20 @@ def toy_teacher(tmp_path_factory):
     train(load_config(str(CONFIGS / "toy2d" / "edm.yaml"), TOY_TEACHER + ["train.steps=400"]), str(run), progress=False,
           log=lambda *_: None)
     return run
+
+# A tiny MNIST UNet (8 channels, 32 -> 16 px, attention at 16 px) and its run settings.
+MNIST_TINY = ["data.size=64", "network.channels=8", "network.channel_mult=[1,2]", "network.attn_resolutions=[16]",
+              "train.batch_size=8", "eval.num_samples=8", "eval.batch_size=8", "eval.grid=2",
+              "diffusion.sample_steps=2", "eval.teacher_fd=false", "optim.warmup_steps=0"]
+
+
+@pytest.fixture(scope="session")
+def mnist_teacher(tmp_path_factory, cache_dir):
+    """A tiny MNIST UNet teacher (3 EDM steps: every layer has moved off its zero initialisation)."""
+    from fastonestep.config import load_config
+    from fastonestep.engine.loop import train
+
+    run = tmp_path_factory.mktemp("mnist-teacher")
+    train(load_config(str(CONFIGS / "mnist" / "teacher.yaml"), MNIST_TINY + ["train.steps=3"]), str(run),
+          progress=False, log=lambda *_: None)
+    return run

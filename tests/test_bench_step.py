@@ -72,6 +72,20 @@ def test_table_and_comparison_verdicts():
     assert "not a claim" in S.comparison_table(cpu)
 
 
+def test_activation_checkpointing_cases_are_rows_of_their_own(tmp_path):
+    """--activation-checkpointing off,on: each case twice, the setting in the run's config and in the row; the
+    table marks it and DiffRatio is compared with DMD2 at the same setting only."""
+    out = tmp_path / "step.csv"
+    assert S.main(["--quick", "--device", "cpu", "--activation-checkpointing", "off,on", "--out", str(out)]) == 0
+    rows = S.read_rows(out)
+    assert sorted((r["method"], r["activation_checkpointing"], r["status"]) for r in rows) == [
+        ("diffratio", "false", "ok"), ("diffratio", "true", "ok"), ("dmd", "false", "ok"), ("dmd", "true", "ok")]
+    case = S.Case("dmd", "tiny", "single", 2, device="cpu", activation_checkpointing=True)
+    assert S.case_config(case).train.activation_checkpointing
+    table = S.markdown_table(S.latest_rows(rows))
+    assert table.count("| single +ckpt |") == 3 and table.count("| single |") == 3  # 2 rows + 1 comparison each
+
+
 def test_state_formula_matches_what_the_single_backend_holds(tmp_path):
     """The per-network state column (dry-run formula) equals the bytes a single-backend Trainable holds:
     fp32 weights + gradients + Adam moments (torch's 0-d `step` tensors aside)."""
@@ -132,6 +146,7 @@ def test_child_process_runs_zero3_on_an_edm2_network(tmp_path):
     (["--batch-per-gpu", "s=0"], "--batch-per-gpu"),
     (["--batch-per-gpu", "q=3"], "--batch-per-gpu"),
     (["--iters", "0"], "--iters"),
+    (["--activation-checkpointing", "yes"], "--activation-checkpointing"),
     (["--bogus"], "--bogus"),
     (["--sizes", "s", "--device", "cpu"], "--sizes"),
 ])

@@ -3,8 +3,9 @@ DeepSpeed ZeRO-1/2/3 follows the single-process trajectory, with and without gra
 round-trip under every backend; a run stopped after step 3 and resumed ends where the uninterrupted run ends;
 the ZeRO-3 export is the gathered EMA. The teacher-distillation methods with a frozen teacher follow their
 single-process trajectories too: DMD2 (GAN head, backward simulation) under ddp and ZeRO-2/3, DP-DMD under ddp
-and ZeRO-2, backward distillation under ddp, several with gradient accumulation. One torchrun launch runs all
-distributed jobs (tests/distributed_worker.py).
+and ZeRO-2, backward distillation under ddp, several with gradient accumulation. UNet DiffRatio and DMD2 jobs on a
+tiny MNIST teacher run under ZeRO-3 with activation checkpointing. One torchrun launch runs all distributed jobs
+(tests/distributed_worker.py).
 
 Tolerance for "same trajectory" (RTOL below): the distributed runs compute the same global-batch gradient in a
 different fp32 summation order (the mean of two rank means instead of one mean, the all-reduce, DeepSpeed's
@@ -24,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CONFIGS, TOY_STUDENT
+from conftest import CONFIGS, MNIST_TINY, TOY_STUDENT
 from fastonestep.config import ConfigError, load_config
 from fastonestep.engine.checkpoint import latest_checkpoint, load_checkpoint
 from fastonestep.engine.export import load_model
@@ -95,6 +96,25 @@ DISTILL_JOBS = {  # name -> (method, overrides, round trip check); "{zero3_json}
     "backward-ddp": ("backward", DDP + ["train.batch_per_gpu=8"], True),
 }
 
+# UNet jobs on the tiny MNIST teacher with train.activation_checkpointing under ZeRO-3, every parameter
+# partitioned: the blocks' recomputation in the backward must gather their parameters again (through the
+# module hooks). Each is compared with its single-process run without checkpointing.
+MNIST_STEPS = 3
+MNIST_JOBS = {  # name -> (preset, overrides, logged values compared)
+    "mnist-diffratio-zero3-ckpt": ("diffratio.yaml", [], LOSSES),
+    "mnist-dmd2-zero3-ckpt": ("dmd2.yaml", ["dmd.fake_steps=2", "dmd.gan_weight=0.1", "dmd.gan_disc_weight=1.0"],
+                              DISTILL["dmd2"][2]),
+}
+CHECKPOINTED_ZERO3 = DS + ["distributed.zero_stage=3", "distributed.deepspeed_config={zero3_json}",
+                           "train.activation_checkpointing=true"]
+
+
+def mnist_base(teacher, name):
+    preset, extra, _ = MNIST_JOBS[name]
+    return str(CONFIGS / "mnist" / preset), MNIST_TINY + [
+        f"teacher={teacher}", f"train.steps={MNIST_STEPS}", "train.log_every=1",
+        f"train.checkpoint_every={MNIST_STEPS}"] + extra
+
 
 def distill_base(teacher, method):
     preset, extra, _ = DISTILL[method]
@@ -121,13 +141,15 @@ def assert_close_trajectory(run, ref, keys=LOSSES, steps=6):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, toy_teacher):
+def runs(tmp_path_factory, toy_teacher, mnist_teacher):
     """The single-process reference runs in this process, then every distributed job in one torchrun launch."""
     root = tmp_path_factory.mktemp("distributed")
     train(load_config(PRESET, base(toy_teacher)), str(root / "single"), **QUIET)
     train(load_config(PRESET, base(toy_teacher) + ["train.batch_per_gpu=16"]), str(root / "single-accum"), **QUIET)
     for method in DISTILL:
         train(load_config(*distill_base(toy_teacher, method)), str(root / f"single-{method}"), **QUIET)
+    for name in MNIST_JOBS:
+        train(load_config(*mnist_base(mnist_teacher, name)), str(root / f"single-{name}"), **QUIET)
     zero3_json = root / "zero3-all-sharded.json"
     zero3_json.write_text(json.dumps(ZERO3_ALL_SHARDED))
     jobs = []
@@ -145,6 +167,10 @@ def runs(tmp_path_factory, toy_teacher):
         preset, method_base = distill_base(toy_teacher, method)
         jobs.append({"run": str(root / name), "preset": preset, "base": method_base, "roundtrip": check,
                      "overrides": [o.format(zero3_json=zero3_json) for o in extra]})
+    for name in MNIST_JOBS if HAVE_DEEPSPEED else ():
+        preset, method_base = mnist_base(mnist_teacher, name)
+        jobs.append({"run": str(root / name), "preset": preset, "base": method_base,
+                     "overrides": [o.format(zero3_json=zero3_json) for o in CHECKPOINTED_ZERO3]})
     spec = root / "spec.json"
     spec.write_text(json.dumps({"preset": PRESET, "base": base(toy_teacher), "jobs": jobs}))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
@@ -190,6 +216,18 @@ def test_distillation_methods_follow_the_single_process_trajectory(runs, name):
         for rank in (0, 1):
             result = json.loads((runs / name / f"roundtrip-rank{rank}.json").read_text())
             assert result["differs"] == [] and "generator/optimizer" in result["checked"], result
+
+
+@pytest.mark.parametrize("name", list(MNIST_JOBS))
+def test_zero3_with_activation_checkpointing_follows_the_single_process_trajectory(runs, name):
+    if not HAVE_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install 'fastonestep[deepspeed]')")
+    assert_close_trajectory(runs / name, runs / f"single-{name}", MNIST_JOBS[name][2], MNIST_STEPS)
+    ref = load_file(str(runs / f"single-{name}" / "model.safetensors"))
+    got = load_file(str(runs / name / "model.safetensors"))
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=RTOL, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["ddp", "zero1", "zero2", "zero3"])

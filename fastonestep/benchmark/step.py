@@ -5,7 +5,7 @@ for DiffRatio the `diffratio.ratio_steps` ratio-network updates plus the generat
 `dmd.fake_steps` (5) fake-score/GAN-head updates plus the generator update, EMA included. Data loading is
 not part of it: the "real" batch is a synthetic tensor of latents (and labels) already on the device.
 
-Setup of a case (method, size, backend, batch per GPU, precision, kernels):
+Setup of a case (method, size, backend, batch per GPU, precision, kernels, activation checkpointing):
 - the method's settings come from the ImageNet-512 presets (`configs/imagenet512/diffratio_dijs_{s,m}.yaml`,
   `dmd2_{s,m}.yaml`; size `xs` = the S preset at EDM2-XS, size `tiny` = the S preset with a 16-channel
   two-level EDM2 UNet on 4x8x8 latents and 10 classes: a CPU smoke size);
@@ -36,6 +36,7 @@ rows measured on CUDA at a real size are tagged `is_claim=true`; CPU rows are sm
 
     fastonestep bench step [--methods diffratio,dmd] [--sizes s,m] [--backends single,zero1,zero2,zero3]
                            [--batch-per-gpu s=32,m=16] [--nproc N] [--warmup 5] [--iters 10] [--quick]
+                           [--activation-checkpointing off|on|off,on]
                            [--out CSV] [--plot PNG] [--no-run]
 """
 from __future__ import annotations
@@ -79,7 +80,7 @@ CPU_NOTE = "CPU smoke run, not a performance claim"
 
 COLUMNS = (
     "method", "size", "backend", "zero_stage", "world_size", "batch_per_gpu", "global_batch", "latent_shape",
-    "precision", "kernels", "warmup", "iters",
+    "precision", "kernels", "activation_checkpointing", "warmup", "iters",
     "median_s", "p20_s", "p80_s", "images_per_s", "sec_per_kimg",
     "peak_alloc_gib", "peak_reserved_gib", "resident_gib", "phase_s", "phase_peak_gib", "phase_act_gib",
     "params", "state_gib", "state_total_gib", "nonfinite_steps",
@@ -104,10 +105,12 @@ class Case:
     iters: int = 10
     device: str = "auto"
     teacher: str = ""  # the synthetic teacher's model file (make_teacher)
+    activation_checkpointing: bool = False  # train.activation_checkpointing
 
     @property
     def label(self) -> str:
-        return f"{self.method}/{self.size}/{self.backend}x{self.world_size}/b{self.batch_per_gpu}"
+        ckpt = "+ckpt" if self.activation_checkpointing else ""
+        return f"{self.method}/{self.size}/{self.backend}x{self.world_size}{ckpt}/b{self.batch_per_gpu}"
 
 
 # ------------------------------------------------------------------------------------------- configuration
@@ -135,7 +138,8 @@ def case_config(case: Case, teacher: str = ""):
     kind, stage = BACKENDS[case.backend]
     overrides = [f"teacher={teacher or 'synthetic'}", f"train.batch_size={case.batch_per_gpu * case.world_size}",
                  "train.batch_per_gpu=0", f"distributed.backend={kind}", f"distributed.precision={case.precision}",
-                 f"train.kernels={case.kernels}", f"train.device={case.device}"]
+                 f"train.kernels={case.kernels}", f"train.device={case.device}",
+                 f"train.activation_checkpointing={str(case.activation_checkpointing).lower()}"]
     if stage:
         overrides.append(f"distributed.zero_stage={stage}")
     if case.size == "xs":
@@ -296,7 +300,9 @@ def base_row(case: Case) -> dict:
     return {"method": case.method, "size": case.size, "backend": case.backend, "zero_stage": stage,
             "world_size": case.world_size, "batch_per_gpu": case.batch_per_gpu,
             "global_batch": case.batch_per_gpu * case.world_size, "latent_shape": shape,
-            "precision": _precision(case), "kernels": case.kernels, "warmup": case.warmup, "iters": case.iters}
+            "precision": _precision(case), "kernels": case.kernels,
+            "activation_checkpointing": str(case.activation_checkpointing).lower(), "warmup": case.warmup,
+            "iters": case.iters}
 
 
 def _on_gpu(case: Case) -> bool:
@@ -565,7 +571,8 @@ def read_rows(csv_path) -> list[dict]:
 
 
 def _key(r: dict) -> tuple:
-    return (r["method"], r["size"], r["backend"], r["world_size"], r["batch_per_gpu"], r["precision"], r["kernels"])
+    return (r["method"], r["size"], r["backend"], r["world_size"], r["batch_per_gpu"], r["precision"], r["kernels"],
+            r.get("activation_checkpointing") or "false")  # rows of CSVs written before the column: off
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -606,11 +613,16 @@ def markdown_table(rows: list[dict]) -> str:
         status = "ok" if ok else f"{r.get('status')}: {_one_line(r.get('note', ''), 80)}"
         name = "DMD2" if r["method"] == "dmd" else "DiffRatio" if r["method"] == "diffratio" else r["method"]
         rate, kimg = (r.get("images_per_s", ""), r.get("sec_per_kimg", "")) if ok else ("", "")
-        lines.append(f"| {name} | {r['size']} | {r['backend']} | {r['world_size']} | {r['batch_per_gpu']} | "
+        lines.append(f"| {name} | {r['size']} | {_backend_label(r)} | {r['world_size']} | {r['batch_per_gpu']} | "
                      f"{timing} | {rate} | {kimg} | {r.get('peak_alloc_gib', '') or '-'} | "
                      f"{r.get('state_gib', '').replace(';', ', ')} | {status} |")
     comparison = comparison_table(rows)
     return "\n".join(lines) + ("\n\n" + comparison if comparison else "")
+
+
+def _backend_label(r: dict) -> str:
+    """The backend, marked when the case recomputed its blocks (train.activation_checkpointing)."""
+    return r["backend"] + (" +ckpt" if r.get("activation_checkpointing") == "true" else "")
 
 
 def comparison_table(rows: list[dict]) -> str:
@@ -621,7 +633,7 @@ def comparison_table(rows: list[dict]) -> str:
         if r.get("status") == "ok":
             by.setdefault(_key({**r, "method": ""}), {})[r["method"]] = r
     lines = []
-    for (_, size, backend, world, batch, _, _), pair in by.items():
+    for (_, size, _, world, batch, _, _, _), pair in by.items():
         if "diffratio" not in pair or "dmd" not in pair:
             continue
         a, b = pair["diffratio"], pair["dmd"]
@@ -631,7 +643,7 @@ def comparison_table(rows: list[dict]) -> str:
         claim = a.get("is_claim") == "true" and b.get("is_claim") == "true"
         verdict = ("not a claim" if not claim else
                    "meets both" if speed >= 1.5 and mem is not None and mem <= 0.60 else "misses")
-        lines.append(f"| {size} | {backend} | {world} | {batch} | {speed:.2f}x | "
+        lines.append(f"| {size} | {_backend_label(a)} | {world} | {batch} | {speed:.2f}x | "
                      f"{'' if mem is None else f'{100 * mem:.0f}%'} | {verdict} |")
     if not lines:
         return ""
@@ -648,14 +660,14 @@ def plot(rows: list[dict], png_path: str) -> str:
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r.get("status") == "ok"]
-    cases = list(dict.fromkeys((r["size"], r["backend"], r["world_size"], r["batch_per_gpu"]) for r in ok))
+    cases = list(dict.fromkeys((r["size"], _backend_label(r), r["world_size"], r["batch_per_gpu"]) for r in ok))
     fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.2 * len(cases) + 4), 4.2))
     for ax, column, label in ((axes[0], "images_per_s", "images/s"), (axes[1], "peak_alloc_gib", "peak GiB")):
         for j, (method, color) in enumerate((("diffratio", "#d62728"), ("dmd", "#1f77b4"))):
             xs, hs = [], []
             for i, c in enumerate(cases):
                 r = next((r for r in ok if r["method"] == method and
-                          (r["size"], r["backend"], r["world_size"], r["batch_per_gpu"]) == c), None)
+                          (r["size"], _backend_label(r), r["world_size"], r["batch_per_gpu"]) == c), None)
                 v = _f(r.get(column)) if r else None
                 if v is not None:
                     xs.append(i - 0.2 + 0.4 * j)
@@ -734,6 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", help="auto (bf16 on GPU) | bf16 | fp32")
     p.add_argument("--kernels", default="fused", help="fused | eager (train.kernels)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--activation-checkpointing", default="off",
+                   help="off | on | off,on: train.activation_checkpointing of the cases (default %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="CPU smoke test: tiny size, single backend, 1 warm-up + 2 timed iterations, in-process")
     p.add_argument("--in-process", action="store_true", help="run cases in this process (default: one child each)")
@@ -754,6 +768,8 @@ def parse_cases(args) -> list[Case]:
     _choices(args.precision, PRECISIONS, "--precision")
     _choices(args.kernels, KERNELS, "--kernels")
     _choices(args.device, ("auto", "cuda", "cpu"), "--device")
+    checkpointing = [v == "on" for v in _choices(args.activation_checkpointing, ("off", "on"),
+                                                 "--activation-checkpointing")]
     if args.nproc < 1 or args.warmup < 0 or args.iters < 1:
         raise BenchError("--nproc and --iters must be >= 1, --warmup >= 0")
     batch = _batches(args.batch_per_gpu, sizes) if args.batch_per_gpu else {s: DEFAULT_BATCH[s] for s in sizes}
@@ -765,9 +781,10 @@ def parse_cases(args) -> list[Case]:
     for backend in backends:
         world = 1 if backend == "single" else args.nproc
         for size in sizes:
-            for method in methods:
-                cases.append(Case(method, size, backend, batch[size], world, args.precision, args.kernels, warmup,
-                                  iters, args.device))
+            for ckpt in checkpointing:
+                for method in methods:
+                    cases.append(Case(method, size, backend, batch[size], world, args.precision, args.kernels,
+                                      warmup, iters, args.device, activation_checkpointing=ckpt))
     if any(c.world_size > 1 for c in cases) and args.in_process:
         raise BenchError("--nproc > 1 launches torchrun per case; it cannot be combined with --in-process")
     return cases

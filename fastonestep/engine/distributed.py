@@ -35,6 +35,7 @@ from torch import nn
 
 from fastonestep.config import Config, ConfigError, OptimConfig
 from fastonestep.engine.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+from fastonestep.networks.checkpointing import set_activation_checkpointing
 
 DEEPSPEED_DIR = "ds"  # run_dir/ds/<network>/step00000012: DeepSpeed shards of each engine
 _TAG_RE = re.compile(r"^(\.tmp-)?step\d{8}$")
@@ -284,6 +285,7 @@ class Backend:
         self.global_batch = cfg.train.batch_size
         self.local_batch, self.micro_batch = split_batch(cfg, world_size)
         self.trainables: dict[str, Trainable] = {}
+        self.checkpointed_blocks: dict[str, int] = {}  # train.activation_checkpointing: blocks per network
         self.run_dir = ""
 
     @property
@@ -293,6 +295,8 @@ class Backend:
     def trainable(self, name: str, network: nn.Module, optim_cfg: OptimConfig) -> Trainable:
         if name in self.trainables:
             raise ValueError(f"a trainable network named '{name}' already exists")
+        if self.cfg.train.activation_checkpointing:  # marked before an engine wraps it (ZeRO-3 hooks the blocks)
+            self.checkpointed_blocks[name] = set_activation_checkpointing(network)
         t = self.trainable_class(name, network, optim_cfg, self)
         self.trainables[name] = t
         return t

@@ -34,6 +34,7 @@ import yaml
 from fastonestep.config import Config, ConfigError, to_dict
 from fastonestep.engine.export import model_path, network_spec, read_info
 from fastonestep.networks.build import build_denoiser, count_parameters
+from fastonestep.networks.checkpointing import CheckpointableBlock
 
 GIB = 2**30
 
@@ -173,22 +174,47 @@ def state_bytes(plan: NetworkPlan, precision: str, gpus: int, stage: int) -> dic
     return {"weights": w, "grads": g, "optimizer": o, "ema": e, "total": w + g + o + e}
 
 
-def saved_activation_bytes(plan: NetworkPlan, data_shape, num_classes: int, batch: int) -> int:
-    """Bytes autograd saves for backward in one training forward of `plan.module` on `batch` samples,
-    traced on the meta device (fp32). Views of one storage count once; parameters are not counted."""
+def saved_activation_bytes(plan: NetworkPlan, data_shape, num_classes: int, batch: int,
+                           checkpointing: bool = False) -> int:
+    """Bytes autograd keeps for backward after one training forward of `plan.module` on `batch` samples,
+    traced on the meta device (fp32). Views of one storage count once; parameters are not counted.
+
+    With `checkpointing` (train.activation_checkpointing) each residual block keeps only its inputs, and its
+    own saved tensors exist for one block at a time, during its recomputation in the backward: the result is
+    what the rest of the network saves, plus the blocks' inputs, plus the largest single block's own."""
+    return sum(saved_activation_parts(plan, data_shape, num_classes, batch, checkpointing))
+
+
+def saved_activation_parts(plan: NetworkPlan, data_shape, num_classes: int, batch: int,
+                           checkpointing: bool = False) -> tuple[int, int]:
+    """(bytes kept from the forward until the backward, bytes of the largest checkpointed block's own saved
+    tensors, alive only while it is recomputed); the second is 0 without checkpointing."""
     net = plan.module
     params = {p.untyped_storage()._cdata for p in net.parameters()}
-    storages = {}
-    keep = []
+    outside, inputs, inside = {}, {}, {}  # storage -> bytes: saved outside blocks, block inputs, per block
+    active, keep = [], []
+
+    def record(table, t):
+        if t.device.type == "meta" and t.untyped_storage()._cdata not in params:
+            table[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            keep.append(t)  # keeps the storage alive so its address is not reused during the trace
 
     def pack(t):
-        if t.device.type == "meta":
-            key = t.untyped_storage()._cdata
-            if key not in params:
-                storages[key] = t.untyped_storage().nbytes()
-                keep.append(t)  # keeps the storage alive so its address is not reused during the trace
+        record(inside.setdefault(id(active[-1]), {}) if active else outside, t)
         return t
 
+    def enter(block, args):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                record(inputs, a)
+        active.append(block)
+
+    def leave(*_):
+        active.pop()  # returns None: a forward hook's return value would replace the block's output
+
+    blocks = [m for m in net.modules() if isinstance(m, CheckpointableBlock)] if checkpointing else []
+    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(enter),
+                                         b.register_forward_hook(leave))]
     forward = net["score"] if isinstance(net, torch.nn.ModuleDict) else net
     x = torch.zeros((batch, *data_shape), device="meta", requires_grad=True)
     sigma = torch.ones(batch, device="meta")
@@ -200,20 +226,27 @@ def saved_activation_bytes(plan: NetworkPlan, data_shape, num_classes: int, batc
             forward(x, sigma, labels)
     finally:
         forward.train(was_training)
-    return sum(storages.values())
+        for h in hooks:
+            h.remove()
+    kept = {**outside, **inputs}
+    largest_block = max((sum(n for k, n in own.items() if k not in kept) for own in inside.values()), default=0)
+    return sum(kept.values()), largest_block
 
 
 def activation_estimate(cfg: Config, plans: list[NetworkPlan], facts: dict, micro_batch: int,
-                        precision: str) -> dict:
-    """Per network: per-sample and per-forward saved bytes; per GPU: the heaviest phase's sum (bytes)."""
+                        precision: str, checkpointing: bool | None = None) -> dict:
+    """Per network: per-sample and per-forward saved bytes; per GPU: the heaviest phase's sum (bytes).
+    `checkpointing` None: as config key 'train.activation_checkpointing' says."""
+    if checkpointing is None:
+        checkpointing = cfg.train.activation_checkpointing
     scale = 0.5 if precision == "bf16" else 1.0
     shape, classes = tuple(facts["data_shape"]), facts["num_classes"]
     per_net = {}
     for plan in plans:
         if plan.role != "trainable":
             continue
-        one = saved_activation_bytes(plan, shape, classes, 1)
-        two = saved_activation_bytes(plan, shape, classes, 2)
+        one = saved_activation_bytes(plan, shape, classes, 1, checkpointing)
+        two = saved_activation_bytes(plan, shape, classes, 2, checkpointing)
         per_net[plan.name] = {"per_sample": (two - one) * scale, "per_forward": (2 * one - two) * scale}
 
     def cost(name, samples_per_batch_sample):
@@ -228,7 +261,8 @@ def activation_estimate(cfg: Config, plans: list[NetworkPlan], facts: dict, micr
               "backward": {"generator step": [("generator", 1)]}}[cfg.method]
     totals = {phase: sum(cost(n, k) for n, k in parts) for phase, parts in phases.items()}
     peak = max(totals, key=totals.get)
-    return {"per_network": per_net, "phases": totals, "peak_phase": peak, "peak": totals[peak]}
+    return {"per_network": per_net, "phases": totals, "peak_phase": peak, "peak": totals[peak],
+            "checkpointing": checkpointing}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,6 +322,14 @@ def dry_run(cfg: Config, gpus: int = 1, stages=(0, 1, 2, 3), activations: bool =
         for name, a in act["per_network"].items():
             out(f"#   {name}: {a['per_sample'] / 2**20:.1f} MiB per sample + {a['per_forward'] / 2**20:.1f} MiB "
                 "per forward")
+        other = activation_estimate(cfg, plans, facts, micro, precision, not act["checkpointing"])
+        result["activations_other"] = other
+        if act["checkpointing"]:
+            out(f"#   train.activation_checkpointing=true: each block keeps its inputs, the largest block's own tensors "
+                f"live while it is recomputed; {_fmt(other['peak'])} without it")
+        elif other["peak"] < act["peak"]:
+            out(f"#   with train.activation_checkpointing=true: {_fmt(other['peak'])} (each residual block recomputed "
+                "in the backward, about a third more compute)")
     else:
         out("#   activations not estimated (--no-activations)")
     return result

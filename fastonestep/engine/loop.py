@@ -29,7 +29,8 @@ from fastonestep.methods.distill import student_spec
 
 # Keys that may change between a run and its resume: how long and how verbosely, not what is trained.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.device", "train.threads",
-                     "train.eval_every_kimg", "train.batch_per_gpu", "train.tensorboard")
+                     "train.eval_every_kimg", "train.batch_per_gpu", "train.tensorboard",
+                     "train.activation_checkpointing")
 
 
 def pick_device(name: str) -> torch.device:

@@ -14,6 +14,15 @@ METHODS = {"edm": EDMPretrain, "diffratio": DiffRatio, "dmd": DMD, "dpdmd": DPDM
 
 def make_method(cfg, dataset, device, backend=None) -> Method:
     """`backend` (fastonestep.engine.distributed): None = the single-process backend."""
+    method = _construct(cfg, dataset, device, backend)
+    blocks = method.backend.checkpointed_blocks
+    if cfg.train.activation_checkpointing and not any(blocks.values()):
+        raise ConfigError("config key 'train.activation_checkpointing' is true, but no network this run trains "
+                          f"({', '.join(blocks)}) has residual blocks to checkpoint (only the unet and edm2 kinds do)")
+    return method
+
+
+def _construct(cfg, dataset, device, backend) -> Method:
     cls = METHODS[cfg.method]
     if cls.supports_distributed:
         return cls(cfg, dataset, device, backend=backend)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastonestep.networks.checkpointing import CheckpointableBlock, run_block
 from fastonestep.networks.unet import check_unet_geometry, resample
 
 # network.size -> model channels (EDM2's presets), and the parameter counts EDM2 publishes for them on
@@ -124,7 +125,7 @@ class MPFourier(nn.Module):
 # blocks
 
 
-class EDM2Block(nn.Module):
+class EDM2Block(CheckpointableBlock):
     """One residual block of either flavour.
 
     Encoder ("enc"): resample, 1x1 channel projection if the width changes, pixel norm; the residual branch
@@ -268,7 +269,7 @@ class EDM2Encoder(nn.Module):
         h = self.conv_in(torch.cat([x_in, torch.ones_like(x_in[:, :1])], dim=1))
         skips = [h]
         for block in self.enc:
-            h = block(h, emb)
+            h = run_block(block, h, emb)
             skips.append(h)
         return h, emb, skips
 
@@ -331,7 +332,7 @@ class EDM2UNet(nn.Module):
         for block in self.dec:
             if block.takes_skip:
                 h = mp_cat(h, skips.pop(), t=self.concat_balance)
-            h = block(h, emb)
+            h = run_block(block, h, emb)
         return self.out_conv(h, gain=self.out_gain)
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastonestep.networks.checkpointing import CheckpointableBlock, run_block
+
 
 def group_norm(channels: int, max_groups: int = 32, min_channels_per_group: int = 4) -> nn.GroupNorm:
     """GroupNorm with at most `max_groups` groups of at least `min_channels_per_group` channels each,
@@ -102,7 +104,7 @@ class SelfAttention(nn.Module):
         return x + self.proj(h.transpose(-1, -2).reshape(b, c, height, width))
 
 
-class ResBlock(nn.Module):
+class ResBlock(CheckpointableBlock):
     """GroupNorm-SiLU-conv twice, with the embedding applied as a per-channel scale and shift after the
     second norm (ADM/EDM). `resample` ("none", "down", "up") rescales both branches; the second conv
     starts at zero so every block starts as (a resampled, channel-projected) identity. Optional
@@ -184,10 +186,10 @@ class UNetEncoder(nn.Module):
         h = self.conv_in(x_in)
         skips = [h]
         for block in self.down:
-            h = block(h, emb)
+            h = run_block(block, h, emb)
             skips.append(h)
         for block in self.mid:
-            h = block(h, emb)
+            h = run_block(block, h, emb)
         return h, emb, skips
 
 
@@ -254,5 +256,5 @@ class UNet(nn.Module):
         for block in self.up:
             if block.resample != "up":
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb)
+            h = run_block(block, h, emb)
         return self.out_conv(F.silu(self.out_norm(h)))
