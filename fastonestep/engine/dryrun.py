@@ -20,7 +20,9 @@ normalised weight copies of MP layers -- is per forward), times the per-GPU micr
 networks whose graphs are alive together in the method's heaviest phase. Not included: temporaries freed
 during the forward, allocator fragmentation, the CUDA context, no-grad forwards (teacher / fake score in
 the DMD gradient), DMD2's discriminator passes. Attention is traced with the math kernel (flash
-attention saves less). bf16 = the fp32 trace x 0.5.
+attention saves less). bf16 = the fp32 trace x 0.5. With train.activation_checkpointing the trace counts
+each residual block's inputs instead of what it saves, plus the largest block's own saved tensors (alive while
+that block is recomputed); phases with two graphs alive count that block twice, a slight overestimate.
 """
 from __future__ import annotations
 
