@@ -310,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from fastonestep.config import ConfigError
     from fastonestep.engine.checkpoint import CheckpointError
+    from fastonestep.engine.stop import TrainingStopped
 
     args = build_parser().parse_args(argv)
     try:
@@ -323,6 +324,9 @@ def main(argv=None) -> int:
             raise
         print(f"fastonestep: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"fastonestep: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("fastonestep: interrupted; re-run the same command to resume from the last checkpoint",
               file=sys.stderr)

@@ -5,18 +5,23 @@ argv[1]: a JSON file {"preset": path, "base": [overrides], "jobs": [{"run": dir,
 "roundtrip": bool}]}; a job may name its own "preset" and "base" (other methods in the same launch).
 A job with "roundtrip" also checks, after training, that a fresh method loading the newest checkpoint holds
 exactly the trained state (full parameters, EMA, RNG, optimiser state of this rank's shard); the result goes
-to <run>/roundtrip-rank<r>.json.
+to <run>/roundtrip-rank<r>.json. A job with "signal_at": k has rank 0 (only) send itself SIGTERM during step
+k; every rank must then stop after that same step with a checkpoint (TrainingStopped, recorded in
+<run>/stopped-rank<r>.json), and the job is run again, resuming, to its end.
 """
+import contextlib
 import json
 import os
+import signal
 import sys
 
 import torch
 
 from fastonestep.config import load_config
-from fastonestep.engine.checkpoint import latest_checkpoint, load_checkpoint
+from fastonestep.engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from fastonestep.engine.distributed import make_backend
 from fastonestep.engine.loop import build, train
+from fastonestep.engine.stop import TrainingStopped
 
 torch.set_num_threads(1)
 QUIET = dict(progress=False, log=lambda *_: None)
@@ -60,6 +65,38 @@ def roundtrip(cfg, run, trained_method) -> dict:
     return {"differs": same(before, snapshot(fresh)), "checked": sorted(before)}
 
 
+@contextlib.contextmanager
+def methods_seen(edit):
+    """While open, every method train() builds goes through edit(method) first."""
+    import fastonestep.engine.loop as loop
+
+    original = loop.build
+
+    def editing_build(c, b=None):
+        dataset, method = original(c, b)
+        edit(method)
+        return dataset, method
+
+    loop.build = editing_build
+    try:
+        yield
+    finally:
+        loop.build = original
+
+
+def signal_rank0_during(step_number: int, rank: int):
+    def edit(method):
+        step = method.step
+
+        def stepping(next_batch, index, nimg):
+            if rank == 0 and index + 1 == step_number:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(next_batch, index, nimg)
+
+        method.step = stepping
+    return edit
+
+
 def skip_shm_op_build():
     """DeepSpeed's CPU comm backend JIT-builds a shared-memory all-reduce op (30 s to minutes on a loaded
     2-core machine) on first use; gloo does the same collectives, so the tests mark the op unavailable."""
@@ -77,23 +114,22 @@ def main():
     rank = int(os.environ["RANK"])
     for job in spec["jobs"]:
         cfg = load_config(job.get("preset", spec["preset"]), job.get("base", spec["base"]) + job["overrides"])
-        if job.get("roundtrip"):
-            # train() keeps its method private: rebuild the trained state by training here with the same calls
-            import fastonestep.engine.loop as loop
-
-            captured = {}
-            original = loop.build
-
-            def capturing_build(c, b=None):
-                dataset, method = original(c, b)
-                captured["method"] = method
-                return dataset, method
-
-            loop.build = capturing_build
+        if job.get("signal_at"):
+            result = {"stopped": False}
             try:
+                with methods_seen(signal_rank0_during(job["signal_at"], rank)):
+                    train(cfg, job["run"], **QUIET)
+            except TrainingStopped as e:
+                result = {"stopped": True, "step": e.step, "signal": e.signal_name,
+                          "checkpoints": [step for step, _ in list_checkpoints(job["run"])]}
+            with open(os.path.join(job["run"], f"stopped-rank{rank}.json"), "w", encoding="utf-8") as f:
+                json.dump(result, f)
+            train(cfg, job["run"], **QUIET)  # the same command again: resumes
+        elif job.get("roundtrip"):
+            # train() keeps its method private: rebuild the trained state by training here with the same calls
+            captured = {}
+            with methods_seen(lambda method: captured.update(method=method)):
                 train(cfg, job["run"], **QUIET)
-            finally:
-                loop.build = original
             result = roundtrip(cfg, job["run"], captured["method"])
             with open(os.path.join(job["run"], f"roundtrip-rank{rank}.json"), "w", encoding="utf-8") as f:
                 json.dump(result, f)

@@ -64,6 +64,10 @@ JOBS = {
     "zero2-accum": (DS + ["distributed.zero_stage=2", "train.batch_per_gpu=8"], False),
 }
 SPLIT = ("ddp", "zero3")
+# "<name>-stopped": rank 0 alone gets SIGTERM during step STOP_AT (between the checkpoints at 2 and 4); both ranks
+# must stop after that step with its checkpoint, and the job re-run resumes there.
+STOPPED = ("ddp", "zero3")
+STOP_AT = 3
 
 # Distillation methods with a frozen teacher: name -> (preset, overrides, logged values compared). Each is
 # compared with its own single-process run. DMD2 gets a strong GAN (so a GAN gradient leaking into the critic
@@ -161,6 +165,8 @@ def runs(tmp_path_factory, toy_teacher, mnist_teacher):
         if name in SPLIT:
             split = str(root / f"{name}-split")
             jobs += [{"run": split, "overrides": extra + ["train.steps=3"]}, {"run": split, "overrides": extra}]
+        if name in STOPPED:
+            jobs.append({"run": str(root / f"{name}-stopped"), "overrides": extra, "signal_at": STOP_AT})
     for name, (method, extra, check) in DISTILL_JOBS.items():
         if "distributed.backend=deepspeed" in extra and not HAVE_DEEPSPEED:
             continue
@@ -249,6 +255,22 @@ def test_stopped_and_resumed_run_equals_uninterrupted(runs, name):
     full, split = runs / name, runs / f"{name}-split"
     assert trajectory(split) == trajectory(full)
     a, b = load_file(str(full / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", STOPPED)
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(runs, name):
+    """Ranks agree on the stop (a CPU all-reduce after each step), checkpoint that step together, and the re-run
+    ends bit-identical to the uninterrupted run."""
+    if name.startswith("zero") and not HAVE_DEEPSPEED:
+        pytest.skip("deepspeed is not installed")
+    run = runs / f"{name}-stopped"
+    for rank in (0, 1):
+        result = json.loads((run / f"stopped-rank{rank}.json").read_text())
+        assert result == {"stopped": True, "step": STOP_AT, "signal": "SIGTERM", "checkpoints": [2, STOP_AT]}, (
+            rank, result)
+    assert trajectory(run) == trajectory(runs / name)
+    a, b = load_file(str(runs / name / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

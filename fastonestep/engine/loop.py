@@ -23,6 +23,7 @@ from fastonestep.engine.evaluate import evaluate
 from fastonestep.engine.export import export_model, network_spec
 from fastonestep.engine.periodic_eval import eval_due, periodic_eval, truncate_eval_log
 from fastonestep.engine.stats import StatsLogger, truncate_stats
+from fastonestep.engine.stop import TrainingStopped, stop_requests
 from fastonestep.engine.tensorboard import tensorboard_log
 from fastonestep.methods import make_method
 from fastonestep.methods.distill import student_spec
@@ -140,8 +141,18 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
 
     log(f"parameters: {method.parameter_counts}")
     # TensorBoard lives as long as the steps: closed (flushed) after the last one, or when a step raises.
-    with tensorboard_log(cfg.train.tensorboard and main, run_dir, start + 1, log) as board:
+    # SIGTERM / SIGINT during the steps: the step finishes, is checkpointed, and TrainingStopped is raised.
+    with tensorboard_log(cfg.train.tensorboard and main, run_dir, start + 1, log) as board, \
+            stop_requests(backend.world_size) as stop:
         stats = StatsLogger(run_dir, method.device, backend)
+        stats.load_pending_state(state.get("stats") if state else None, holds_totals=main)
+
+        def save_checkpoint(done: int) -> None:
+            pending = stats.pending_state()  # collective: every rank, before the engines' shards
+            backend.save_checkpoint(run_dir, done, lambda: {
+                "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
+                "torch_rng": torch.get_rng_state(), "stats": pending})
+
         bar = _progress_bar(start, cfg.train.steps, progress)
         t_start = time.perf_counter()
         batch = cfg.train.batch_size
@@ -165,12 +176,18 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
                         board.eval(row, samples, cfg.eval.grid)
                     stats.t0 += time.perf_counter() - t_eval  # evaluation (and its logging) is not training time
                 backend.barrier()
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-                backend.save_checkpoint(run_dir, done, lambda: {
-                    "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
-                    "torch_rng": torch.get_rng_state()})
+            saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
+            if saved:
+                save_checkpoint(done)
             if bar is not None:
                 bar.update(1)
+            stop_signal = stop.agreed()
+            if stop_signal:
+                if not saved:
+                    save_checkpoint(done)
+                if bar is not None:
+                    bar.close()
+                raise TrainingStopped(stop_signal, done, run_dir)
         if bar is not None:
             bar.close()
     train_seconds = time.perf_counter() - t_start

@@ -76,6 +76,23 @@ class StatsLogger:
         self._reset()
         return row
 
+    def pending_state(self) -> dict:
+        """The running sums not logged yet, summed over ranks (collective when distributed), for a checkpoint: a
+        run resumed from it logs the same next line as the uninterrupted run (throughput aside)."""
+        keys = sorted(self.sums)
+        sums, counts, adds = self._reduced(keys)
+        return {"keys": keys, "sums": sums, "counts": counts, "adds": adds}
+
+    def load_pending_state(self, state: dict | None, holds_totals: bool) -> None:
+        """Restores `pending_state`. Its sums are over all ranks, so one rank (`holds_totals`) takes them; the
+        others take the keys with zeros, so every rank reduces the same keys."""
+        if not state:
+            return
+        for i, k in enumerate(state["keys"]):
+            self.sums[k] = state["sums"][i] if holds_totals else 0.0
+            self.counts[k] = int(round(state["counts"][i])) if holds_totals else 0
+            self.adds[k] = int(round(state["adds"][i])) if holds_totals else 0
+
     def _reduced(self, keys):
         """(sums, finite counts, adds) per key as python floats, summed over ranks."""
         columns = [[self.sums[k] for k in keys], [self.counts[k] for k in keys], [self.adds[k] for k in keys]]
