@@ -78,7 +78,9 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     weight_decay: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear ramp of the lr over the first N steps
+    # EDM2's inverse-square-root decay: lr / sqrt(max(step / decay_steps, 1)); 0 = constant after the warm-up
+    decay_steps: int = 0
     grad_clip: float = 1.0  # 0 disables clipping
 
 
@@ -467,6 +469,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'train.eval_every_kimg' must be >= 0 (0 = off); got {cfg.train.eval_every_kimg!r}")
     _validate_dmd(cfg)
     _validate_backward(cfg.backward)
+    for section in ("optim", "diffratio.ratio_optim", "dmd.fake_optim"):
+        for key in ("warmup_steps", "decay_steps", "grad_clip", "weight_decay"):
+            if not flat[f"{section}.{key}"] >= 0:
+                raise ConfigError(f"config key '{section}.{key}' must be >= 0; got {flat[f'{section}.{key}']!r}")
     return cfg
 
 

@@ -52,3 +52,26 @@ def test_ema_half_life():
     for i in range(10):  # 10 updates of 10 samples = one half-life
         ema.update(net, nimg=(i + 1) * 10, batch_size=10)
     assert ema.net.weight.item() == pytest.approx(0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("step, expected", [(0, 0.25), (2, 0.75), (3, 1.0), (10, 1.0), (40, 0.5), (90, 1 / 3)])
+def test_lr_schedule_is_a_warm_up_then_edm2s_inverse_square_root_decay(step, expected):
+    """lr 1, warm-up 4 steps, decay_steps 10: (step + 1) / 4 up to step 3, then 1 / sqrt(step / 10) past step 10;
+    the optimiser of a real update gets exactly that lr."""
+    from fastonestep.config import OptimConfig
+    from fastonestep.engine.distributed import make_optimizer, optimizer_step
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, decay_steps=10)
+    net = torch.nn.Linear(3, 1)
+    opt = make_optimizer(net.parameters(), cfg)
+    net(torch.randn(2, 3)).sum().backward()
+    optimizer_step(opt, net, cfg, step)
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_lr_schedule_keys_are_validated():
+    from fastonestep.config import ConfigError, load_config
+
+    for key in ("optim.decay_steps", "diffratio.ratio_optim.warmup_steps", "dmd.fake_optim.grad_clip"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [f"{key}=-1"])

@@ -49,8 +49,12 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
-def warmup_lr(cfg: OptimConfig, step: int) -> float:
+def scheduled_lr(cfg: OptimConfig, step: int) -> float:
+    """The lr of optimiser step `step` (0-based): a linear warm-up over `warmup_steps`, then EDM2's
+    inverse-square-root decay lr / sqrt(step / decay_steps) once step exceeds `decay_steps` (0: no decay)."""
     scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.decay_steps:
+        scale /= math.sqrt(max(step / cfg.decay_steps, 1.0))
     return cfg.lr * scale
 
 
@@ -64,7 +68,7 @@ def optimizer_step(opt: torch.optim.Optimizer, net: nn.Module, cfg: OptimConfig,
     norm = float(norm)
     if math.isfinite(norm):
         for group in opt.param_groups:
-            group["lr"] = warmup_lr(cfg, step)
+            group["lr"] = scheduled_lr(cfg, step)
         opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
@@ -178,7 +182,8 @@ class DeepSpeedTrainable(Trainable):
 
     Gradient accumulation is caller-owned (managed_gradient_accumulation=false): every `backward` adds to the
     gradients, `step` is the boundary where ZeRO reduces, clips (gradient_clipping = optim.grad_clip), skips
-    a non-finite norm and steps. The lr warm-up is applied to the engine's parameter groups before the step.
+    a non-finite norm and steps. The lr schedule (scheduled_lr) is applied to the engine's parameter groups
+    before the step.
     """
 
     def __init__(self, name, network, optim_cfg, backend):
@@ -204,7 +209,7 @@ class DeepSpeedTrainable(Trainable):
 
     def step(self, step):
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = warmup_lr(self.optim_cfg, step)
+            group["lr"] = scheduled_lr(self.optim_cfg, step)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
