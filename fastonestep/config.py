@@ -115,6 +115,14 @@ class RatioNetConfig:
 
 
 @dataclass
+class EDMConfig:
+    """EDM diffusion pretraining (method: edm)."""
+    # EDM2's learned uncertainty weighting: a log-variance u(sigma) (this many MP Fourier features of c_noise, one
+    # MP linear) trained with the denoiser on L / exp(u) + u per sample; 0 = off (EDM's fixed lambda). EDM2: 128.
+    logvar_channels: int = 0
+
+
+@dataclass
 class DiffRatioConfig:
     divergence: str = "dijs"  # rkl | dijs | fkl | hellinger
     realisation: str = "grad"  # grad: 4.1(b) normalised score-difference; logit: 4.1(a) weighted logits
@@ -214,6 +222,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
     diffratio: DiffRatioConfig = field(default_factory=DiffRatioConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     dpdmd: DPDMDConfig = field(default_factory=DPDMDConfig)
@@ -465,6 +474,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'student_dropout' must be in [0, 1); got {cfg.student_dropout!r}")
     if cfg.diffratio.sigma_min >= cfg.diffratio.sigma_max:
         raise ConfigError("config keys 'diffratio.sigma_min' < 'diffratio.sigma_max' required")
+    if cfg.edm.logvar_channels < 0:
+        raise ConfigError(f"config key 'edm.logvar_channels' must be >= 0 (0 = off); got {cfg.edm.logvar_channels}")
     if not cfg.train.eval_every_kimg >= 0:
         raise ConfigError(f"config key 'train.eval_every_kimg' must be >= 0 (0 = off); got {cfg.train.eval_every_kimg!r}")
     _validate_dmd(cfg)

@@ -62,6 +62,7 @@ def toy_method(preset, teacher, *extra):
 
 @pytest.mark.parametrize("preset, extra, optimiser_steps, known_reads", [
     ("edm.yaml", [], 1, 0),
+    ("edm.yaml", ["edm.logvar_channels=16"], 1, 0),
     ("diffratio.yaml", [], 3, 0),  # the toy preset's 2 ratio updates
     ("diffratio.yaml", ["diffratio.realisation=logit", "diffratio.ratio_steps=1"], 2, 0),
     ("diffratio.yaml", ["train.kernels=fused"], 3, 0),

@@ -35,6 +35,7 @@ from torch import nn
 
 from fastonestep.config import Config, ConfigError, OptimConfig
 from fastonestep.engine.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+from fastonestep.engine import zero_weight_norm
 from fastonestep.networks.checkpointing import set_activation_checkpointing
 
 DEEPSPEED_DIR = "ds"  # run_dir/ds/<network>/step00000012: DeepSpeed shards of each engine
@@ -199,6 +200,9 @@ class DeepSpeedTrainable(Trainable):
         self.stage = config["zero_optimization"]["stage"]
         self.bf16 = config.get("bf16", {}).get("enabled", False)
         self._tag = None
+        self._forced_norm = zero_weight_norm.forced_norm_layers(self.network)  # EDM2 layers (unit-RMS rows)
+        zero_weight_norm.attach(self._forced_norm, backend.rank)
+
 
     @property
     def module(self) -> nn.Module:
@@ -212,7 +216,10 @@ class DeepSpeedTrainable(Trainable):
             group["lr"] = scheduled_lr(self.optim_cfg, step)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)
+        norm = float("nan") if norm is None else float(norm)
+        if math.isfinite(norm):  # a step was taken: EDM2 layers rescale at their next forward (zero_weight_norm.py)
+            zero_weight_norm.mark_stale(self._forced_norm)
+        return norm
 
     def zero_grad(self):
         self.engine.zero_grad()
@@ -272,6 +279,7 @@ class DeepSpeedTrainable(Trainable):
             raise CheckpointError(f"DeepSpeed checkpoint '{ref['dir']}/{ref['tag']}' in '{self.backend.run_dir}' "
                                   "cannot be loaded")
         self._tag = ref["tag"]
+        zero_weight_norm.mark_stale(self._forced_norm)
 
 
 # ----------------------------------------------------------------------------------------------------------

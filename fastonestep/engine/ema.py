@@ -25,19 +25,26 @@ class EMA:
         return 0.5 ** (batch_size / max(halflife, 1e-8))
 
     @torch.no_grad()
-    def update(self, net: nn.Module, nimg: int, batch_size: int, params=None) -> None:
+    def update(self, net: nn.Module, nimg: int, batch_size: int, params=None, part: str = "") -> None:
         """`params`: the full parameters of `net` in parameters() order when `net` holds only a shard of them
-        (ZeRO-3 gathers them; see Trainable.full_parameters). Buffers are never sharded."""
+        (ZeRO-3 gathers them; see Trainable.full_parameters). Buffers are never sharded. `part`: the name of
+        the submodule of `net` this EMA follows, when `net` also trains something else ("": all of `net`)."""
         beta = self.beta(nimg, batch_size)
-        for p_ema, p in zip(self.net.parameters(), net.parameters() if params is None else params, strict=True):
+        source = list(net.parameters()) if params is None else list(params)
+        buffers = [b for _, b in net.named_buffers()]
+        if part:
+            names = [n for n, _ in net.named_parameters()]
+            source = [p for n, p in zip(names, source, strict=True) if n.startswith(part + ".")]
+            buffers = [b for n, b in net.named_buffers() if n.startswith(part + ".")]
+        for p_ema, p in zip(self.net.parameters(), source, strict=True):
             p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - beta)
-        for b_ema, b in zip(self.net.buffers(), net.buffers()):
+        for b_ema, b in zip(self.net.buffers(), buffers):
             b_ema.copy_(b)
 
-    def update_from(self, trainable, nimg: int, batch_size: int) -> None:
-        """EMA step from a backend Trainable (any backend, any ZeRO stage)."""
+    def update_from(self, trainable, nimg: int, batch_size: int, part: str = "") -> None:
+        """EMA step from a backend Trainable (any backend, any ZeRO stage); `part` as in `update`."""
         with trainable.full_parameters() as params:
-            self.update(trainable.network, nimg, batch_size, params=params)
+            self.update(trainable.network, nimg, batch_size, params=params, part=part)
 
     def state_dict(self):
         return self.net.state_dict()

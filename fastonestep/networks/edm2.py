@@ -45,13 +45,18 @@ SILU_RMS = 0.596  # sqrt(E[silu(x)^2]) for x ~ N(0, 1)
 # magnitude-preserving primitives
 
 
+def rms(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """Root-mean-square over `dim` (default: every dim but the first, i.e. per output row of a weight), fp32,
+    keeping the reduced dims."""
+    dims = tuple(range(1, x.ndim)) if dim is None else dim
+    n = x[0].numel() if dim is None else math.prod(x.shape[d] for d in ([dim] if isinstance(dim, int) else dim))
+    return torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32) / math.sqrt(n)
+
+
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     """Scales x to unit root-mean-square over `dim` (default: every dim but the first, i.e. per output row
     of a weight), so each normalised slice of n elements has norm sqrt(n)."""
-    dims = tuple(range(1, x.ndim)) if dim is None else dim
-    n = x[0].numel() if dim is None else math.prod(x.shape[d] for d in ([dim] if isinstance(dim, int) else dim))
-    rms = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32) / math.sqrt(n)
-    return x / (rms + eps).to(x.dtype)
+    return x / (rms(x, dim) + eps).to(x.dtype)
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +83,10 @@ class MPConv(nn.Module):
     stored weight is first rescaled in place to unit RMS (forced weight normalisation). That rescale is
     skipped while the parameter's version counter shows it untouched since the last one, so a network
     can be run several times before one backward (an in-place change would invalidate the saved graph).
+
+    An owner that updates the weight without the version counter seeing it, or that keeps other copies of
+    it (DeepSpeed: engine/zero_weight_norm.py), sets `stale` after each update and `on_normalize`, which gets
+    each rescale's row divisors (rms + eps, one per output row) to apply to its copies.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel=()):
@@ -85,17 +94,24 @@ class MPConv(nn.Module):
         self.in_channels, self.out_channels, self.kernel = in_channels, out_channels, tuple(kernel)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *self.kernel))
         self._normalized_at_version = -1
+        self.stale = False  # set by an owner whose weight updates the version counter does not see
+        self.on_normalize = None  # fn(row divisors): an owner's rescale of its other copies of the weight
 
     @property
     def fan_in(self) -> int:
         return self.weight[0].numel()
 
     def force_normalize_(self) -> None:
-        if self.weight._version == self._normalized_at_version:
+        if self.weight._version == self._normalized_at_version and not self.stale:
             return
         with torch.no_grad():
-            self.weight.copy_(normalize(self.weight.float()))
+            w = self.weight.float()
+            divisors = rms(w) + 1e-4  # w / divisors is normalize(w), bit for bit
+            self.weight.copy_(w / divisors)
+            if self.on_normalize is not None:
+                self.on_normalize(divisors.reshape(-1))
         self._normalized_at_version = self.weight._version
+        self.stale = False
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
         if self.training:
