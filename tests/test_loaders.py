@@ -249,3 +249,21 @@ def test_ranks_together_draw_what_one_process_draws(kind, latent_folder):
     resumed.load_state_dict(state)
     first = make_loader(cfg, open_dataset(cfg), "cpu")
     _assert_same(_draw(first, 5)[3:], _draw(resumed, 2))
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_torch_loader_readers_outlive_a_stop_signal(sig, latent_folder):
+    """A signal sent to the whole process group (Ctrl-C, a scheduler) reaches the reader processes too; they leave it
+    to the training process (engine/stop.py), which still needs them to finish its step."""
+    import signal
+    import time
+
+    ds = scan_latent_folder(latent_folder)
+    loader, plain = TorchLoader(ds, 5, seed=1, workers=1), TorchLoader(ds, 5, seed=1)
+    first = loader.next()
+    worker = loader._iter._workers[0]
+    os.kill(worker.pid, getattr(signal, sig))
+    time.sleep(0.5)
+    assert worker.is_alive()
+    _assert_same([first, *_draw(loader, 4)], _draw(plain, 5))
+    loader.close()

@@ -1,8 +1,8 @@
 """SIGTERM / SIGINT during training (engine/stop.py): the step in progress finishes, is checkpointed, and the run
 stops with TrainingStopped (the command exits with 128 + the signal); re-running the same command ends exactly
 where the uninterrupted run ends, stats.jsonl included: the running means of a half-logged interval travel in
-the checkpoint. A second signal acts at once. Distributed runs (ranks agreeing on the step) are in
-tests/test_distributed.py."""
+the checkpoint. Forwarded copies of the signal are ignored; Ctrl-C pressed again acts at once. Distributed runs (ranks agreeing on the step) are in
+tests/test_distributed.py; the torch loader's readers ignoring the signal, in tests/test_loaders.py."""
 import json
 import os
 import signal
@@ -12,7 +12,7 @@ import pytest
 from conftest import CONFIGS, TOY_STUDENT
 from fastonestep import cli
 from fastonestep.config import load_config
-from fastonestep.engine import loop
+from fastonestep.engine import loop, stop
 from fastonestep.engine.checkpoint import list_checkpoints
 from fastonestep.engine.stop import TrainingStopped
 
@@ -76,7 +76,17 @@ def test_a_signal_checkpoints_the_step_and_resume_equals_the_uninterrupted_run(t
     assert resumed.read_bytes() == full.read_bytes()
 
 
-def test_a_second_sigint_interrupts_at_once(toy_teacher, tmp_path, signal_during_step):
+def test_forwarded_copies_of_the_signal_do_not_cut_the_stop_short(toy_teacher, tmp_path, signal_during_step):
+    """A scheduler's SIGTERM plus torchrun's forwarded one, then the launcher's SIGINT: still one clean stop."""
+    signal_during_step(2, signal.SIGTERM, signal.SIGTERM, signal.SIGINT)
+    with pytest.raises(TrainingStopped) as stopped:
+        loop.train(load_config(PRESET, overrides(toy_teacher)), str(tmp_path / "run"), **QUIET)
+    assert (stopped.value.step, stopped.value.signal_name) == (2, "SIGTERM")
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "run"))] == [2]
+
+
+def test_a_second_sigint_interrupts_at_once(toy_teacher, tmp_path, signal_during_step, monkeypatch):
+    monkeypatch.setattr(stop, "REPEAT_WINDOW_S", -1.0)  # as if Ctrl-C were pressed again seconds later
     signal_during_step(2, signal.SIGINT, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         loop.train(load_config(PRESET, overrides(toy_teacher)), str(tmp_path / "run"), **QUIET)

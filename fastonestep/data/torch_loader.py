@@ -8,6 +8,7 @@ built in that many worker processes (in order: the DataLoader keeps the sampler'
 from __future__ import annotations
 
 import itertools
+import signal
 
 import numpy as np
 import torch
@@ -44,6 +45,13 @@ class _CountFrom(Sampler):
         return itertools.count(self.start)
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Readers leave SIGINT / SIGTERM to the training process, which finishes its step and checkpoints
+    (engine/stop.py); a reader ended by a signal sent to the whole process group would fail that step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _keep_none(item):
     return item  # items are whole batches already; the default collate would choke on labels=None
 
@@ -63,7 +71,8 @@ class TorchLoader:
         loader = DataLoader(_BatchReader(self.dataset, self.order), batch_size=None,
                             sampler=_CountFrom(self.consumed), num_workers=self.workers, collate_fn=_keep_none,
                             pin_memory=self.device.type == "cuda",
-                            prefetch_factor=2 if self.workers else None, persistent_workers=False)
+                            prefetch_factor=2 if self.workers else None, persistent_workers=False,
+                            worker_init_fn=_ignore_stop_signals if self.workers else None)
         self._iter = iter(loader)
 
     def next(self):

@@ -143,7 +143,7 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
     # TensorBoard lives as long as the steps: closed (flushed) after the last one, or when a step raises.
     # SIGTERM / SIGINT during the steps: the step finishes, is checkpointed, and TrainingStopped is raised.
     with tensorboard_log(cfg.train.tensorboard and main, run_dir, start + 1, log) as board, \
-            stop_requests(backend.world_size) as stop:
+            stop_requests(backend.world_size, method.device) as stop:
         stats = StatsLogger(run_dir, method.device, backend)
         stats.load_pending_state(state.get("stats") if state else None, holds_totals=main)
 

@@ -2,12 +2,16 @@
 
 While the training steps run, the first SIGTERM or SIGINT only raises a flag; the loop finishes the step it is
 in, writes a checkpoint of it and raises `TrainingStopped`, so re-running the same command continues exactly
-there. The handlers are then back to what they were, so a second signal acts at once (Ctrl-C twice: an
-immediate KeyboardInterrupt; SIGTERM twice: the default, termination).
+there. Signals often come in pairs: a scheduler signals every process of the job and torchrun forwards its own
+copy, Ctrl-C reaches the workers from the terminal and again from the launcher. So further SIGTERMs are ignored
+(a scheduler kills after its grace period anyway), and so is a SIGINT within REPEAT_WINDOW_S of the first
+signal; a later SIGINT (Ctrl-C pressed again) raises KeyboardInterrupt at once, without a checkpoint.
 
 Every rank of a distributed run must stop after the same step (the checkpoint is collective), but a signal may
 reach only some of them, or reach them in different steps. So after each step the ranks agree on the flags
-through a one-element all-reduce on the CPU (a gloo group: no wait for the GPU).
+through a one-element all-reduce on the CPU: a gloo group, made when the steps start (so a machine where gloo
+cannot connect fails then, not later), and no wait for the GPU. If the gloo group cannot be made, the flag
+goes through the training backend instead, at the cost of one more host synchronisation per step.
 
 Handlers can only be installed from the main thread; `train` called from another thread runs without them.
 """
@@ -16,11 +20,14 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
+import warnings
 
 import torch
 import torch.distributed as dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_WINDOW_S = 2.0  # a SIGINT this soon after the first signal is the same request, forwarded
 
 
 class TrainingStopped(Exception):
@@ -40,15 +47,32 @@ class TrainingStopped(Exception):
 class StopRequests:
     """The signal flag of this process and the ranks' agreement on it."""
 
-    def __init__(self, world_size: int = 1):
+    def __init__(self, world_size: int = 1, device: torch.device | None = None):
         self.world_size = world_size
         self.received = None  # the name of the first signal received, e.g. "SIGTERM"
+        self._first_at = 0.0
         self._previous = {}
-        self._group = None
+        self._group, self._device = None, torch.device("cpu")
+        if world_size > 1:
+            self._group = self._cpu_group(device)
+
+    def _cpu_group(self, device):
+        if dist.get_backend() == "gloo":
+            return dist.group.WORLD
+        try:
+            return dist.new_group(backend="gloo")  # collective: every rank makes it as its steps start
+        except (RuntimeError, ValueError) as e:
+            warnings.warn(f"no gloo process group ({e}); ranks agree on a stop signal through the training "
+                          "backend, one more host synchronisation per step", stacklevel=3)
+            self._device = device if device is not None else torch.device("cpu")
+            return None
 
     def _handle(self, signum, frame) -> None:
-        self.received = self.received or signal.Signals(signum).name
-        self.restore()  # the next signal acts at once
+        if self.received is None:
+            self.received, self._first_at = signal.Signals(signum).name, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self._first_at > REPEAT_WINDOW_S:
+            self.restore()
+            raise KeyboardInterrupt  # Ctrl-C again: stop now, without a checkpoint
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -66,10 +90,8 @@ class StopRequests:
         the received signal's name, or "SIGTERM" on a rank that only heard of it from another."""
         if self.world_size == 1:
             return self.received
-        if self._group is None:  # CPU collectives whatever the training backend (nccl cannot reduce CPU tensors)
-            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         flag = torch.tensor([0 if self.received is None else int(getattr(signal, self.received))],
-                            dtype=torch.int64)
+                            dtype=torch.int64, device=self._device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         if not flag.item():
             return None
@@ -77,9 +99,10 @@ class StopRequests:
 
 
 @contextlib.contextmanager
-def stop_requests(world_size: int = 1):
-    """StopRequests with its handlers installed for the duration of the block."""
-    requests = StopRequests(world_size)
+def stop_requests(world_size: int = 1, device: torch.device | None = None):
+    """StopRequests with its handlers installed for the duration of the block (`device`: the training device, for
+    the fallback without gloo)."""
+    requests = StopRequests(world_size, device)
     requests.install()
     try:
         yield requests
