@@ -27,6 +27,17 @@ def overrides(teacher):
                           "train.checkpoint_every=100", "eval.num_samples=64", "eval.batch_size=64", "eval.grid=2"]
 
 
+@pytest.fixture(autouse=True)
+def default_handlers():
+    """The handlers of an interactive process, whatever this one inherited (a background job ignores SIGINT)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 @pytest.fixture
 def signal_during_step(monkeypatch):
     """signal_during_step(step, *signals): the method's step `step` (1-based) sends these signals to this process."""
@@ -92,6 +103,15 @@ def test_a_second_sigint_interrupts_at_once(toy_teacher, tmp_path, signal_during
         loop.train(load_config(PRESET, overrides(toy_teacher)), str(tmp_path / "run"), **QUIET)
     assert list_checkpoints(str(tmp_path / "run")) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_the_process_ignores_stays_ignored(toy_teacher, tmp_path, signal_during_step):
+    """nohup or a background job: SIGINT is ignored before training starts, and training does not take it over."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal_during_step(2, signal.SIGINT)
+    loop.train(load_config(PRESET, overrides(toy_teacher)), str(tmp_path / "run"), **QUIET)  # runs to the end
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "run"))] == [6]
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_the_command_says_how_to_resume_and_exits_with_the_signal(toy_teacher, tmp_path, signal_during_step, capsys):

@@ -13,7 +13,8 @@ through a one-element all-reduce on the CPU: a gloo group, made when the steps s
 cannot connect fails then, not later), and no wait for the GPU. If the gloo group cannot be made, the flag
 goes through the training backend instead, at the cost of one more host synchronisation per step.
 
-Handlers can only be installed from the main thread; `train` called from another thread runs without them.
+Handlers can only be installed from the main thread; `train` called from another thread runs without them. A
+signal the process was started to ignore (nohup, a background job's SIGINT) stays ignored.
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ class StopRequests:
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # a signal the process was told to ignore stays so
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
