@@ -123,6 +123,10 @@ EDM2_BASE = MNIST_TINY + ["network.kind=edm2", "edm.logvar_channels=16", "optim.
 EDM2_JOBS = {"edm2-zero2": DS + ["distributed.zero_stage=2"],
              "edm2-zero3": DS + ["distributed.zero_stage=3", "distributed.deepspeed_config={zero3_json}"]}
 EDM2_KEYS = ("loss", "edm/logvar", "grad_norm/denoiser")
+# DiffRatio from that EDM2 teacher under ZeRO-3: the ratio network's first forward after its update is the frozen
+# one of the generator step, whose rescale must reach the fp32 master weights too.
+EDM2_DIFFRATIO = ["optim.lr=0.01", "diffratio.ratio_optim.lr=0.01", "train.steps=3", "train.log_every=1",
+                  "train.checkpoint_every=3"]
 
 
 def mnist_base(teacher, name):
@@ -168,6 +172,9 @@ def runs(tmp_path_factory, toy_teacher, mnist_teacher):
         train(load_config(*mnist_base(mnist_teacher, name)), str(root / f"single-{name}"), **QUIET)
     edm2_preset = str(CONFIGS / "mnist" / "teacher.yaml")
     train(load_config(edm2_preset, EDM2_BASE), str(root / "single-edm2"), **QUIET)
+    diffratio_preset = str(CONFIGS / "mnist" / "diffratio.yaml")
+    edm2_diffratio = MNIST_TINY + [f"teacher={root / 'single-edm2'}"] + EDM2_DIFFRATIO
+    train(load_config(diffratio_preset, edm2_diffratio), str(root / "single-edm2-diffratio"), **QUIET)
     zero3_json = root / "zero3-all-sharded.json"
     zero3_json.write_text(json.dumps(ZERO3_ALL_SHARDED))
     jobs = []
@@ -194,6 +201,9 @@ def runs(tmp_path_factory, toy_teacher, mnist_teacher):
     for name, extra in EDM2_JOBS.items() if HAVE_DEEPSPEED else ():
         jobs.append({"run": str(root / name), "preset": edm2_preset, "base": EDM2_BASE,
                      "overrides": [o.format(zero3_json=zero3_json) for o in extra]})
+        if name == "edm2-zero3":
+            jobs.append({"run": str(root / "edm2-diffratio-zero3"), "preset": diffratio_preset,
+                         "base": edm2_diffratio, "overrides": [o.format(zero3_json=zero3_json) for o in extra]})
     spec = root / "spec.json"
     spec.write_text(json.dumps({"preset": PRESET, "base": base(toy_teacher), "jobs": jobs}))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
@@ -261,6 +271,16 @@ def test_edm2_under_zero_keeps_its_forced_weight_normalisation(runs, name):
     ref = load_file(str(runs / "single-edm2" / "model.safetensors"))
     got = load_file(str(runs / name / "model.safetensors"))
     assert got.keys() == ref.keys() and not any("logvar" in k for k in ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=RTOL, atol=1e-6)
+
+
+def test_edm2_ratio_network_used_frozen_keeps_its_normalisation_under_zero3(runs):
+    if not HAVE_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install 'fastonestep[deepspeed]')")
+    assert_close_trajectory(runs / "edm2-diffratio-zero3", runs / "single-edm2-diffratio", LOSSES, 3)
+    ref = load_file(str(runs / "single-edm2-diffratio" / "model.safetensors"))
+    got = load_file(str(runs / "edm2-diffratio-zero3" / "model.safetensors"))
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=RTOL, atol=1e-6)
 

@@ -214,12 +214,12 @@ class DeepSpeedTrainable(Trainable):
     def step(self, step):
         for group in self.engine.optimizer.param_groups:
             group["lr"] = scheduled_lr(self.optim_cfg, step)
+        skipped = self.engine.skipped_steps
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        norm = float("nan") if norm is None else float(norm)
-        if math.isfinite(norm):  # a step was taken: EDM2 layers rescale at their next forward (zero_weight_norm.py)
+        if self.engine.skipped_steps == skipped:  # a step was taken: EDM2 layers rescale at their next forward
             zero_weight_norm.mark_stale(self._forced_norm)
-        return norm
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
 
     def zero_grad(self):
         self.engine.zero_grad()

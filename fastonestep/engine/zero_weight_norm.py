@@ -38,9 +38,9 @@ def _rows(param: nn.Parameter) -> int:
 
 def _divide_rows(flat: torch.Tensor, start: int, per_row: int, divisors: torch.Tensor) -> None:
     """Divides each element of a slice of a flattened weight (its first element has index `start`) by its row's
-    divisor."""
+    divisor, in fp32 and rounded once, as the layer rescales its own copy (a bf16 shard matches it bit for bit)."""
     row_of = torch.arange(start, start + flat.numel(), device=flat.device) // per_row
-    flat.div_(divisors.to(flat.device)[row_of].to(flat.dtype))
+    flat.copy_((flat.float() / divisors.to(flat.device)[row_of]).to(flat.dtype))
 
 
 @torch.no_grad()
@@ -63,10 +63,16 @@ def _rescale_other_copies(param: nn.Parameter, rank: int, divisors: torch.Tensor
         start = rank * shard.numel()
         valid = max(0, min(shard.numel(), param.ds_numel - start))
         divide(shard[:valid], start)
-        master = safe_get_local_fp32_param(param)  # a view, or a copy when the optimizer is offloaded
-        if master is not None:
+        # DeepSpeed answers only for parameters that require grad; a frozen forward (the ratio network in
+        # DiffRatio's generator step) may be the first after a step, and its rescale must reach the master too
+        frozen = not param.requires_grad
+        param.requires_grad_(True)
+        try:
+            master = safe_get_local_fp32_param(param)  # a view, or a copy when the optimizer is offloaded
             divide(master.reshape(-1)[:valid], start)
             safe_set_local_fp32_param(param, master)
+        finally:
+            param.requires_grad_(not frozen)
         return
     mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1/2: a fragment of the flat fp32 partition, or none
     if mapping is not None:

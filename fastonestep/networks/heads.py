@@ -43,4 +43,5 @@ class LogVarHead(nn.Module):
         self.linear = MPConv(channels, 1)
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.fourier(c_noise)).float()[:, 0]
+        with torch.autocast(c_noise.device.type, enabled=False):  # fp32 under bf16 training, as EDM2 computes it
+            return self.linear(self.fourier(c_noise.float())).float()[:, 0]
