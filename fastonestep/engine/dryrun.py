@@ -279,9 +279,9 @@ def dry_run(cfg: Config, gpus: int = 1, stages=(0, 1, 2, 3), activations: bool =
     trained = [p for p in plans if p.role == "trainable"]
     if cfg.train.activation_checkpointing and not any(
             isinstance(m, CheckpointableBlock) for p in trained for m in p.module.modules()):
-        raise ConfigError("config key 'train.activation_checkpointing' is true, but no network this run trains "
-                          f"({', '.join(p.name for p in trained)}) has residual blocks to checkpoint "
-                          "(only the unet and edm2 kinds do)")
+        from fastonestep.methods import nothing_to_checkpoint
+
+        raise nothing_to_checkpoint([p.name for p in trained])
     precision = precision_of(cfg)
     micro = cfg.train.batch_per_gpu or cfg.train.batch_size // gpus
     if cfg.train.batch_size % gpus:

@@ -17,9 +17,14 @@ def make_method(cfg, dataset, device, backend=None) -> Method:
     method = _construct(cfg, dataset, device, backend)
     blocks = method.backend.checkpointed_blocks
     if cfg.train.activation_checkpointing and not any(blocks.values()):
-        raise ConfigError("config key 'train.activation_checkpointing' is true, but no network this run trains "
-                          f"({', '.join(blocks)}) has residual blocks to checkpoint (only the unet and edm2 kinds do)")
+        raise nothing_to_checkpoint(list(blocks))
     return method
+
+
+def nothing_to_checkpoint(trained: list[str]) -> ConfigError:
+    """The error for train.activation_checkpointing on networks without residual blocks (training and dry run)."""
+    return ConfigError("config key 'train.activation_checkpointing' is true, but no network this run trains "
+                       f"({', '.join(trained)}) has residual blocks to checkpoint (only the unet and edm2 kinds do)")
 
 
 def _construct(cfg, dataset, device, backend) -> Method:
