@@ -338,7 +338,7 @@ def test_zero3_export_is_the_gathered_ema(runs):
         assert tags == ["step00000004", "step00000006"]
 
 
-def test_unconverted_method_and_bad_batch_split_are_refused(toy_teacher, monkeypatch):
+def test_unconverted_method_and_bad_batch_split_are_refused(toy_teacher, monkeypatch, tmp_path):
     from fastonestep import methods
 
     class SingleProcessDMD(methods.DMD):  # every shipped method is distributed: stand in for one that is not
@@ -362,3 +362,9 @@ def test_unconverted_method_and_bad_batch_split_are_refused(toy_teacher, monkeyp
                                                         f"distributed.deepspeed_config={CONFIGS}/deepspeed/zero3.json"])
     with pytest.raises(ConfigError, match="bf16.enabled=True"):
         load_deepspeed_config(gpu_json, "fp32")
+    for section, key in (("zero_optimization", "compute_grad_norm"), ("bf16", "check_grad_overflow")):
+        unguarded = tmp_path / f"{key}.json"
+        unguarded.write_text(json.dumps({section: {key: False}}))
+        with pytest.raises(ConfigError, match=f"{section}.{key}=false"):
+            load_deepspeed_config(load_config(PRESET, base(toy_teacher) + [
+                f"distributed.deepspeed_config={unguarded}"]), "fp32")

@@ -106,7 +106,7 @@ def test_a_second_sigint_interrupts_at_once(toy_teacher, tmp_path, signal_during
 
 
 def test_a_signal_the_process_ignores_stays_ignored(toy_teacher, tmp_path, signal_during_step):
-    """nohup or a background job: SIGINT is ignored before training starts, and training does not take it over."""
+    """A background job: SIGINT is ignored before training starts, and training does not take it over."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal_during_step(2, signal.SIGINT)
     loop.train(load_config(PRESET, overrides(toy_teacher)), str(tmp_path / "run"), **QUIET)  # runs to the end

@@ -430,8 +430,9 @@ def load_deepspeed_config(cfg: Config, precision: str) -> dict:
     """The JSON of distributed.deepspeed_config ({} when empty), validated against our config (never silently
     overridden): zero_optimization.stage must equal distributed.zero_stage and bf16.enabled the resolved
     distributed.precision (`precision`: fp32 | bf16); batch sizes and gradient_clipping must not be set there
-    (they come from train.* and each network's optim section); fp16 is not supported. Everything else
-    (bucket sizes, offload, ...) is passed to DeepSpeed as written."""
+    (they come from train.* and each network's optim section); fp16 is not supported; the checks that skip
+    non-finite updates (compute_grad_norm, check_grad_overflow) stay on. Everything else (bucket sizes,
+    offload, ...) is passed to DeepSpeed as written."""
     path = cfg.distributed.deepspeed_config
     if not path:
         return {}
@@ -458,6 +459,10 @@ def load_deepspeed_config(cfg: Config, precision: str) -> dict:
             continue
         if keys[0] in c and c[keys[0]] != "auto":
             raise ConfigError(f"DeepSpeed config '{path}' sets '{keys[0]}'; it comes from config key {ours}")
+    for section, key in (("zero_optimization", "compute_grad_norm"), ("bf16", "check_grad_overflow")):
+        if c.get(section, {}).get(key) is False:  # DeepSpeed would then apply non-finite updates
+            raise ConfigError(f"DeepSpeed config '{path}' sets {section}.{key}=false; every run skips updates "
+                              "with a non-finite gradient norm, which needs it")
     return c
 
 

@@ -14,7 +14,7 @@ cannot connect fails then, not later), and no wait for the GPU. If the gloo grou
 goes through the training backend instead, at the cost of one more host synchronisation per step.
 
 Handlers can only be installed from the main thread; `train` called from another thread runs without them. A
-signal the process was started to ignore (nohup, a background job's SIGINT) stays ignored.
+signal the process was started to ignore (a background job's SIGINT) stays ignored.
 """
 from __future__ import annotations
 
