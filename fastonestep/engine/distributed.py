@@ -203,7 +203,6 @@ class DeepSpeedTrainable(Trainable):
         self._forced_norm = zero_weight_norm.forced_norm_layers(self.network)  # EDM2 layers (unit-RMS rows)
         zero_weight_norm.attach(self._forced_norm, backend.rank)
 
-
     @property
     def module(self) -> nn.Module:
         return self.engine  # its forward registers the hooks ZeRO's backward needs
@@ -298,7 +297,6 @@ class Backend:
         self.global_batch = cfg.train.batch_size
         self.local_batch, self.micro_batch = split_batch(cfg, world_size)
         self.trainables: dict[str, Trainable] = {}
-        self.checkpointed_blocks: dict[str, int] = {}  # train.activation_checkpointing: blocks per network
         self.run_dir = ""
 
     @property
@@ -309,7 +307,7 @@ class Backend:
         if name in self.trainables:
             raise ValueError(f"a trainable network named '{name}' already exists")
         if self.cfg.train.activation_checkpointing:  # marked before an engine wraps it (ZeRO-3 hooks the blocks)
-            self.checkpointed_blocks[name] = set_activation_checkpointing(network)
+            set_activation_checkpointing(network)
         t = self.trainable_class(name, network, optim_cfg, self)
         self.trainables[name] = t
         return t

@@ -36,7 +36,7 @@ import yaml
 from fastonestep.config import Config, ConfigError, to_dict
 from fastonestep.engine.export import model_path, network_spec, read_info
 from fastonestep.networks.build import build_denoiser, count_parameters
-from fastonestep.networks.checkpointing import CheckpointableBlock
+from fastonestep.networks.checkpointing import checkpointable_blocks
 
 GIB = 2**30
 
@@ -214,7 +214,7 @@ def saved_activation_parts(plan: NetworkPlan, data_shape, num_classes: int, batc
     def leave(*_):
         active.pop()  # returns None: a forward hook's return value would replace the block's output
 
-    blocks = [m for m in net.modules() if isinstance(m, CheckpointableBlock)] if checkpointing else []
+    blocks = checkpointable_blocks(net) if checkpointing else []
     hooks = [h for b in blocks for h in (b.register_forward_pre_hook(enter),
                                          b.register_forward_hook(leave))]
     forward = net["score"] if isinstance(net, torch.nn.ModuleDict) else net
@@ -277,8 +277,7 @@ def dry_run(cfg: Config, gpus: int = 1, stages=(0, 1, 2, 3), activations: bool =
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
     plans, facts = plan_networks(cfg)
     trained = [p for p in plans if p.role == "trainable"]
-    if cfg.train.activation_checkpointing and not any(
-            isinstance(m, CheckpointableBlock) for p in trained for m in p.module.modules()):
+    if cfg.train.activation_checkpointing and not any(checkpointable_blocks(p.module) for p in trained):
         from fastonestep.methods import nothing_to_checkpoint
 
         raise nothing_to_checkpoint([p.name for p in trained])

@@ -30,12 +30,11 @@ class EMA:
         (ZeRO-3 gathers them; see Trainable.full_parameters). Buffers are never sharded. `part`: the name of
         the submodule of `net` this EMA follows, when `net` also trains something else ("": all of `net`)."""
         beta = self.beta(nimg, batch_size)
-        source = list(net.parameters()) if params is None else list(params)
-        buffers = [b for _, b in net.named_buffers()]
-        if part:
-            names = [n for n, _ in net.named_parameters()]
-            source = [p for n, p in zip(names, source, strict=True) if n.startswith(part + ".")]
-            buffers = [b for n, b in net.named_buffers() if n.startswith(part + ".")]
+        prefix = part + "." if part else ""
+        names = [n for n, _ in net.named_parameters()]
+        source = [p for n, p in zip(names, net.parameters() if params is None else params, strict=True)
+                  if n.startswith(prefix)]
+        buffers = [b for n, b in net.named_buffers() if n.startswith(prefix)]
         for p_ema, p in zip(self.net.parameters(), source, strict=True):
             p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - beta)
         for b_ema, b in zip(self.net.buffers(), buffers):

@@ -7,6 +7,7 @@ from fastonestep.methods.diffratio import DiffRatio
 from fastonestep.methods.dmd import DMD
 from fastonestep.methods.dpdmd import DPDMD
 from fastonestep.methods.edm import EDMPretrain
+from fastonestep.networks.checkpointing import checkpointable_blocks
 
 METHODS = {"edm": EDMPretrain, "diffratio": DiffRatio, "dmd": DMD, "dpdmd": DPDMD,
            "backward": BackwardDistillation}
@@ -15,9 +16,9 @@ METHODS = {"edm": EDMPretrain, "diffratio": DiffRatio, "dmd": DMD, "dpdmd": DPDM
 def make_method(cfg, dataset, device, backend=None) -> Method:
     """`backend` (fastonestep.engine.distributed): None = the single-process backend."""
     method = _construct(cfg, dataset, device, backend)
-    blocks = method.backend.checkpointed_blocks
-    if cfg.train.activation_checkpointing and not any(blocks.values()):
-        raise nothing_to_checkpoint(list(blocks))
+    trained = method.backend.trainables
+    if cfg.train.activation_checkpointing and not any(checkpointable_blocks(t.network) for t in trained.values()):
+        raise nothing_to_checkpoint(list(trained))
     return method
 
 

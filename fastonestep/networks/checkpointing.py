@@ -26,17 +26,21 @@ class CheckpointableBlock(nn.Module):
     activation_checkpointing = False
 
 
-def run_block(block: nn.Module, *args):
+def run_block(block: CheckpointableBlock, *args):
     """block(*args), checkpointed when the block is marked and autograd is recording."""
-    if getattr(block, "activation_checkpointing", False) and torch.is_grad_enabled():
+    if block.activation_checkpointing and torch.is_grad_enabled():
         return checkpoint(block, *args, use_reentrant=False)
     return block(*args)
 
 
+def checkpointable_blocks(net: nn.Module) -> list[CheckpointableBlock]:
+    """The residual blocks of `net`; none for networks without (the 2-D MLP, the GAN head)."""
+    return [m for m in net.modules() if isinstance(m, CheckpointableBlock)]
+
+
 def set_activation_checkpointing(net: nn.Module, enabled: bool = True) -> int:
-    """Marks (or unmarks) every residual block of `net` in place; returns how many blocks it has. Networks
-    without blocks (the 2-D MLP, the GAN head) return 0 and are unchanged."""
-    blocks = [m for m in net.modules() if isinstance(m, CheckpointableBlock)]
+    """Marks (or unmarks) every residual block of `net` in place; returns how many blocks it has."""
+    blocks = checkpointable_blocks(net)
     for block in blocks:
         block.activation_checkpointing = bool(enabled)
     return len(blocks)
