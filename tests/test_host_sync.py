@@ -30,7 +30,18 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronis
 # a value read back (.item() / float() / bool(), nonzero, equal).
 MADE = (torch.ops.aten.lift_fresh.default,)
 READ = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-        torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default)
+        torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default, torch.ops.aten.masked_select.default)
+# Boolean-mask indexing (x[mask]) runs nonzero inside the op on a GPU: the output size is data-dependent.
+INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)
+
+
+def _reads_back(func, args) -> bool:
+    if func in READ:
+        return True
+    if func in INDEXING:
+        indices = args[1] if len(args) > 1 else ()
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+    return False
 
 
 class HostWork(TorchDispatchMode):
@@ -42,7 +53,7 @@ class HostWork(TorchDispatchMode):
         self.made, self.reads = collections.Counter(), collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in MADE or func in READ:
+        if func in MADE or _reads_back(func, args):
             stack = traceback.extract_stack()
             ours = [f for f in stack if "/fastonestep/" in f.filename or "/kernels/" in f.filename]
             where = f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "outside fastonestep"
@@ -136,3 +147,20 @@ def test_a_cuda_training_step_synchronises_once_per_optimiser_step(toy_teacher, 
     method.step(loader.next, 0, 0)  # warm-up: first-use checks of the fused kernels, cuBLAS handles
     found = synchronisations(lambda: method.step(loader.next, 1, 64))
     assert len(found) == optimiser_steps, "\n".join(found)
+
+
+def test_latent_sampling_copies_its_channel_scale_and_bias_to_the_device_once():
+    """LatentSampling.next() runs every step: the per-channel scale and bias (Python lists in the config) must not
+    be copied to the device each time (on a GPU, a blocking copy)."""
+    from fastonestep.data.latents import LatentSampling
+
+    class Moments:
+        def next(self):
+            return torch.randn(2, 8, 4, 4), None
+
+    sampling = LatentSampling(Moments(), scale=[0.5, 0.25, 1.0, 2.0], bias=[0.1], seed=0, impl="torch")
+    first, _ = sampling.next()
+    with HostWork() as work:
+        later, _ = sampling.next()
+    assert not work.made, dict(work.made)
+    assert later.shape == first.shape == (2, 4, 4, 4)

@@ -99,13 +99,25 @@ class LatentSampling:
         self.seed, self.rank, self.world_size, self.impl = seed, rank, world_size, impl
         self.draws = 0
         self.kind = getattr(loader, "kind", "") + "+latent"
+        self._vectors = {}  # (device, channels) -> (scale, bias) as device tensors, built once
+
+    def _channel_vectors(self, device, channels: int):
+        """scale and bias on `device`, copied there once: a copy of Python numbers to a GPU blocks the host,
+        and this runs every step."""
+        key = (device, channels)
+        if key not in self._vectors:
+            self._vectors[key] = tuple(
+                None if v is None else _channel_vector(v, channels, f"data.latent_{name}", device)
+                for v, name in ((self.scale, "scale"), (self.bias, "bias")))
+        return self._vectors[key]
 
     def next(self):
         moments, labels = self.loader.next()
         n, c = moments.shape[0], moments.shape[1] // 2
+        scale, bias = self._channel_vectors(moments.device, c)
         g = torch.Generator(device=moments.device).manual_seed(_batch_seed(self.seed, self.draws))
         z = torch.randn((n * self.world_size, c, *moments.shape[2:]), generator=g, device=moments.device)
-        x = sample_latents(moments, self.scale, self.bias, z=z.narrow(0, self.rank * n, n), impl=self.impl)
+        x = sample_latents(moments, scale, bias, z=z.narrow(0, self.rank * n, n), impl=self.impl)
         self.draws += 1
         return x, labels
 

@@ -209,8 +209,10 @@ class DMD(DistillMethod):
             p_real = (x.detach() - real_hat).float().flatten(1)
             ratio = (fake_hat - real_hat).float().flatten(1).abs().mean(1) / (p_real.abs().mean(1) + 1e-8)
         loss = losses.dmd_loss(x, real_hat, fake_hat, impl=self.impl)
-        stats = {"gen/dmd_loss": loss.detach(), "gen/dmd_grad_magnitude": ratio[torch.isfinite(ratio)].mean(),
-                 "gen/nonfinite_samples": (~torch.isfinite(ratio)).sum()}
+        finite = torch.isfinite(ratio)  # a masked mean, not ratio[finite]: boolean indexing waits for the GPU
+        stats = {"gen/dmd_loss": loss.detach(),
+                 "gen/dmd_grad_magnitude": torch.where(finite, ratio, 0.0).sum() / finite.sum(),
+                 "gen/nonfinite_samples": (~finite).sum()}
         if self.use_gan:  # through the frozen fake encoder and head into x
             xc_t = losses.add_noise(x, 1.0, d["sigma_gan"], noise=d["noise_gan"], impl=self.impl)
             loss_gan = F.softplus(-self.gan_logits(xc_t, d["sigma_gan"], labels)).mean()
