@@ -79,3 +79,25 @@ def test_a_run_saved_before_a_key_existed_resumes_at_its_default(tmp_path):
     changed = load_config(str(CONFIGS / "toy2d" / "edm.yaml"), ["student_dropout=0.2"])
     with pytest.raises(ConfigError, match="student_dropout"):
         _check_same_run(changed, str(tmp_path))
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_resume_with_dropout_equals_the_uninterrupted_run(dropout_teacher, tmp_path, device):
+    """Dropout masks come from torch's default generator of the device (on a GPU: the CUDA one), which the
+    checkpoint must carry: a resumed run otherwise replays the masks of its first steps."""
+    from safetensors.torch import load_file
+
+    def run(name, steps):
+        cfg = load_config(str(CONFIGS / "mnist" / "diffratio.yaml"),
+                          TINY + [f"teacher={dropout_teacher}", "student_dropout=0.5", f"train.device={device}",
+                                  f"train.steps={steps}", "train.checkpoint_every=2", "eval.teacher_fd=false"])
+        train(cfg, str(tmp_path / name), **QUIET)
+        return load_file(str(tmp_path / name / "model.safetensors"))
+
+    full = run("full", 4)
+    run("split", 2)
+    split = run("split", 4)
+    assert full.keys() == split.keys()
+    for k in full:
+        assert torch.equal(full[k], split[k]), k

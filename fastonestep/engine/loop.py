@@ -64,6 +64,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def default_rng_state(device: torch.device) -> dict:
+    """torch's default generators, which draw what the methods' own generators do not (dropout masks): the CPU
+    one, and on a GPU the device's (dropout on CUDA draws from it). The ranks' generators advance alike, so rank
+    0's state stands for every rank."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def load_default_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:  # absent: written on another device type
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 def build(cfg: Config, backend=None):
     """Dataset and method for a config (also used by `fastonestep eval`); backend None = single process."""
     device = backend.device if backend is not None else pick_device(cfg.train.device)
@@ -132,7 +148,7 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
         except ValueError as exc:
             raise ValueError(f"cannot resume from '{ckpt_path}': {exc}") from exc
         loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
+        load_default_rng_state(state, method.device)
         log(f"resuming from {ckpt_path} (step {start})")
     if main:  # also on a fresh start: lines of an attempt that never checkpointed
         truncate_stats(run_dir, start)
@@ -151,7 +167,7 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
             pending = stats.pending_state()  # collective: every rank, before the engines' shards
             backend.save_checkpoint(run_dir, done, lambda: {
                 "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
-                "torch_rng": torch.get_rng_state(), "stats": pending})
+                **default_rng_state(method.device), "stats": pending})
 
         bar = _progress_bar(start, cfg.train.steps, progress)
         t_start = time.perf_counter()
