@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-SHAPE = (3, 2, 5, 7)  # odd sizes: partial blocks, rows that do not divide the block width
+# Odd sizes: partial blocks, rows that do not divide the block width. The second has samples of more than one
+# Triton chunk (4096 elements, the last one partial): the multi-chunk path every real image size takes.
+SHAPES = ((3, 2, 5, 7), (2, 3, 41, 53))
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
@@ -73,12 +75,12 @@ def _replayed(inputs: _Inputs, build):
     return make
 
 
-def _checks(losses, impl, device, dtype):
+def _checks(losses, impl, device, dtype, shape):
     x = _Inputs(device, dtype)
-    B = SHAPE[0]
+    B = shape[0]
 
     yield _compare_calls(losses.add_noise, impl,
-                         _replayed(x, lambda: (x.randn(*SHAPE), x.positive(B), x.positive(B), x.randn(*SHAPE))),
+                         _replayed(x, lambda: (x.randn(*shape), x.positive(B), x.positive(B), x.randn(*shape))),
                          (), None, "add_noise", dtype)
 
     def latent_noise(*args, impl):
@@ -87,25 +89,25 @@ def _checks(losses, impl, device, dtype):
                                 latent_bias=bias, return_x0=True, impl=impl)
 
     yield _compare_calls(latent_noise, impl, _replayed(x, lambda: (
-        x.randn(*SHAPE), x.positive(B), x.randn(*SHAPE), x.randn(*SHAPE).abs(), x.randn(*SHAPE),
-        x.positive(SHAPE[1]), x.positive(SHAPE[1]))), (), None, "add_noise (latent sampling)", dtype)
+        x.randn(*shape), x.positive(B), x.randn(*shape), x.randn(*shape).abs(), x.randn(*shape),
+        x.positive(shape[1]), x.positive(shape[1]))), (), None, "add_noise (latent sampling)", dtype)
 
-    x0, sigma = x.randn(*SHAPE), x.positive(B)
+    x0, sigma = x.randn(*shape), x.positive(B)
     first = losses.add_noise(x0, 1.0, sigma, seed=7, impl=impl)
     again = losses.add_noise(x0, 1.0, sigma, seed=7, impl=impl)
     if not torch.equal(first, again) or not torch.isfinite(first).all():
         yield "add_noise with a seed: two calls with the same seed differ, or give non-finite values"
 
     yield _compare_calls(lambda F, x_t, x0, s, impl: losses.denoising_loss(F, x_t, x0, s, 0.5, impl=impl), impl,
-                         _replayed(x, lambda: (x.randn(*SHAPE, grad=True), x.randn(*SHAPE), x.randn(*SHAPE),
+                         _replayed(x, lambda: (x.randn(*shape, grad=True), x.randn(*shape), x.randn(*shape),
                                                x.positive(B))),
                          (0,), lambda out: torch.linspace(0.5, 2.0, out.numel(), device=device).to(out.dtype),
                          "denoising_loss", dtype)
 
     def dmd_inputs():
-        real = x.randn(*SHAPE)
-        real[1, 0, 2, 3] = float("nan")  # a non-finite row: its gradient must be 0, the others unaffected
-        return x.randn(*SHAPE, grad=True), real, x.randn(*SHAPE)
+        real = x.randn(*shape)
+        real[1].view(-1)[-1] = float("nan")  # a non-finite row (in its last chunk): gradient 0, others unaffected
+        return x.randn(*shape, grad=True), real, x.randn(*shape)
 
     yield _compare_calls(losses.dmd_loss, impl, _replayed(x, dmd_inputs), (0,),
                          lambda out: torch.full_like(out, 0.7), "dmd_loss", dtype)
@@ -115,7 +117,7 @@ def _checks(losses, impl, device, dtype):
             return losses.ratio_generator_loss(*args, divergence=divergence, impl=impl)
 
         yield _compare_calls(ratio_generator, impl, _replayed(x, lambda: (
-            x.randn(*SHAPE, grad=True), x.randn(*SHAPE), 4 * x.randn(B, dtype=torch.float32), x.positive(B))),
+            x.randn(*shape, grad=True), x.randn(*shape), 4 * x.randn(B, dtype=torch.float32), x.positive(B))),
             (0,), lambda out: torch.full_like(out, 1.3), f"ratio_generator_loss ({divergence})", dtype)
 
     yield _compare_calls(losses.ratio_classifier_loss, impl, _replayed(x, lambda: (
@@ -129,8 +131,9 @@ def run(impl: str, device) -> str | None:
 
     device = torch.device(device)
     dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
-    for dtype in dtypes:
-        for failure in _checks(losses, impl, device, dtype):
-            if failure:
-                return f"{failure} ({dtype})"
+    for shape in SHAPES:
+        for dtype in dtypes:
+            for failure in _checks(losses, impl, device, dtype, shape):
+                if failure:
+                    return f"{failure} ({dtype}, shape {shape})"
     return None

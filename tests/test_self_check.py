@@ -81,3 +81,16 @@ def test_torch_compile_traces_through_an_unchecked_implementation(checked_on_cpu
     torch.testing.assert_close(compiled(x, real, fake), ref.dmd_loss(x, real, fake))
     assert losses._CHECKED == {}
     assert losses.resolve_impl("ext") == "ext" and losses._CHECKED == {("ext", "cpu"): ""}
+
+
+def wrong_on_large_samples(x, x_real_hat, x_fake_hat):
+    """Right on samples of one Triton chunk, wrong beyond (as a bug of the multi-chunk path would be)."""
+    loss = ref.dmd_loss(x, x_real_hat, x_fake_hat)
+    return loss if x[0].numel() <= 4096 else 1.01 * loss
+
+
+def test_the_check_covers_samples_of_several_chunks(checked_on_cpu, monkeypatch):
+    monkeypatch.setattr(_ext_module(), "dmd_loss", wrong_on_large_samples)
+    with pytest.warns(RuntimeWarning, match="first-use check"):
+        ok, why = losses.impl_available("ext")
+    assert not ok and "dmd_loss output" in why and "shape (2, 3, 41, 53)" in why
