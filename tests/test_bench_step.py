@@ -123,6 +123,46 @@ def test_refused_backend_becomes_a_skipped_row(tmp_path, monkeypatch):
     assert rows[0]["device"] and rows[0]["commit"] and rows[0]["is_claim"] == "false"
 
 
+def test_no_case_runs_past_the_time_budget(tmp_path, monkeypatch):
+    """--max-seconds: a case gets what is left of the budget as its timeout, and one that cannot get
+    MIN_CASE_SECONDS is skipped (its teacher is not even built)."""
+    timeouts = []
+    monkeypatch.setattr(S, "make_teacher", lambda case, directory: str(tmp_path / "teacher"))
+    monkeypatch.setattr(S, "run_isolated", lambda case, date, timeout, workdir: timeouts.append(timeout) or
+                        {**S.base_row(case), "status": "error", "is_claim": "false", "note": "ran"})
+    cases = [S.Case("diffratio", "tiny", "single", 2, warmup=0, iters=1, device="cpu") for _ in range(2)]
+    rows = S.run(cases, None, case_timeout=300.0, max_seconds=S.MIN_CASE_SECONDS + 20, log=lambda *_: None)
+    assert [r["note"] for r in rows] == ["ran", "ran"]
+    assert all(S.MIN_CASE_SECONDS <= t <= S.MIN_CASE_SECONDS + 20 for t in timeouts), timeouts
+    monkeypatch.setattr(S, "make_teacher", lambda *a: pytest.fail("a skipped case built its teacher"))
+    rows = S.run(cases[:1], None, max_seconds=S.MIN_CASE_SECONDS - 1, log=lambda *_: None)
+    assert rows[0]["status"] == "skipped" and "--max-seconds" in rows[0]["note"]
+
+
+def test_an_interrupted_sweep_kills_the_running_case(tmp_path, monkeypatch):
+    """Ctrl-C (or the SIGINT of a caller's `timeout`) while a case runs: the child, in its own session so that a
+    timeout can kill its whole group, must not outlive the sweep."""
+    import _thread
+    import threading
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        threading.Timer(1.0, _thread.interrupt_main).start()
+        return proc
+
+    monkeypatch.setattr(S, "_child_command", lambda path, nproc: [sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(S.subprocess, "Popen", popen)
+    case = S.Case("diffratio", "tiny", "single", 2, warmup=0, iters=1, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        S.run_isolated(case, "today", 60.0, str(tmp_path))
+    (proc,) = started
+    assert proc.poll() is not None  # reaped: killed, not left running
+
+
 @pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed")
 def test_child_process_runs_zero3_on_an_edm2_network(tmp_path):
     """A case in its own process (the default), on DeepSpeed ZeRO-3: EDM2's 0-d gain parameters must get

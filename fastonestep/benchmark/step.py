@@ -76,6 +76,7 @@ TINY = ["network.size=", "network.channels=16", "network.channel_mult=[1, 2]", "
         "network.attn_resolutions=[4]", "network.dropout=0.0", "data.shape=[4, 8, 8]", "data.num_classes=10"]
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "imagenet512"
 GIB = 2**30
+MIN_CASE_SECONDS = 30.0  # with --max-seconds: a case that cannot get this much of the budget is skipped
 CPU_NOTE = "CPU smoke run, not a performance claim"
 
 COLUMNS = (
@@ -473,6 +474,10 @@ def run_isolated(case: Case, date: str, timeout: float, workdir: str) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             code, status = None, "timeout"
+        except BaseException:  # Ctrl-C / a caller's timeout: the child is in its own session, take it down too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     if os.path.isfile(stem + ".row.json"):
         with open(stem + ".row.json", encoding="utf-8") as f:
             return json.load(f)
@@ -514,24 +519,33 @@ def _fill_tags(row: dict, known: dict, date: str) -> dict:
 def run(cases: list[Case], out_csv: str | None = "bench/results/step.csv", isolate: bool = True,
         case_timeout: float = 300.0, max_seconds: float = 0.0, teacher_dir: str | None = None, log=print) -> list[dict]:
     """Runs every case (in a child process each unless isolate=False), appending each row to out_csv as it
-    finishes. max_seconds > 0: cases not started within that budget are recorded as skipped."""
+    finishes. max_seconds > 0: a time budget for the whole sweep. No case runs past it (its timeout is what is
+    left), and a case that cannot get MIN_CASE_SECONDS of it is recorded as skipped."""
     date, rows, known = _now(), [], {}
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if teacher_dir is None:
             teacher_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fastonestep-step-bench-"))
+
+        def left() -> float:  # seconds of the budget left (inf without one)
+            return max_seconds - (time.perf_counter() - t_start) if max_seconds else float("inf")
+
+        skipped = lambda case: {**base_row(case), "status": "skipped", "is_claim": "false",  # noqa: E731
+                                "note": f"time budget --max-seconds {max_seconds:.0f} spent before this case"}
         for case in cases:
-            elapsed = time.perf_counter() - t_start
-            if max_seconds and elapsed >= max_seconds:
-                row = {**base_row(case), "status": "skipped", "is_claim": "false",
-                       "note": f"time budget --max-seconds {max_seconds:.0f} spent before this case"}
+            if left() < MIN_CASE_SECONDS:
+                row = skipped(case)
             else:
                 if not case.teacher:
                     t0 = time.perf_counter()
                     case.teacher = make_teacher(case, teacher_dir)
                     log(f"[{case.label}] teacher {os.path.basename(case.teacher)} ({time.perf_counter() - t0:.1f}s)")
-                timeout = case_timeout if not max_seconds else max(30.0, min(case_timeout, max_seconds - elapsed))
-                row = run_isolated(case, date, timeout, teacher_dir) if isolate else _run_here(case, date, log)
+                # a case never runs past the budget: the caller's own time limit would cut the whole sweep
+                timeout = min(case_timeout, left())
+                if timeout < MIN_CASE_SECONDS:
+                    row = skipped(case)
+                else:
+                    row = run_isolated(case, date, timeout, teacher_dir) if isolate else _run_here(case, date, log)
             row = _fill_tags(row, known, date)
             known.setdefault("device", row["device"])
             known.setdefault("device_type", row["device_type"])
