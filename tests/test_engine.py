@@ -75,3 +75,22 @@ def test_lr_schedule_keys_are_validated():
     for key in ("optim.decay_steps", "diffratio.ratio_optim.warmup_steps", "dmd.fake_optim.grad_clip"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(None, [f"{key}=-1"])
+
+
+def test_peak_memory_on_a_gpu_is_that_of_each_log_interval_without_evaluation(tmp_path, monkeypatch):
+    """The CUDA allocator's peak is restarted at every line and after an evaluation, so a line shows what its
+    own training steps needed, not the largest evaluation batch ever run (the CUDA calls are stood in for)."""
+    allocator = {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocator["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: allocator.update(peak=0))
+    stats = StatsLogger(str(tmp_path), torch.device("cuda"))
+    mib = 2**20
+    for used in (3 * mib, mib):
+        allocator["peak"] = used
+        stats.add({"loss": 1.0}, 4)
+        assert stats.flush(1, 4)["peak_memory_mb"] == used / mib
+    allocator["peak"] = 50 * mib  # an evaluation between two steps
+    stats.exclude(0.0)
+    allocator["peak"] = max(allocator["peak"], 2 * mib)
+    stats.add({"loss": 1.0}, 4)
+    assert stats.flush(2, 8)["peak_memory_mb"] == 2

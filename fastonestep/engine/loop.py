@@ -190,7 +190,7 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
                     row, samples = periodic_eval(method, dataset, cfg, run_dir, done, done * batch)
                     if board is not None:
                         board.eval(row, samples, cfg.eval.grid)
-                    stats.t0 += time.perf_counter() - t_eval  # evaluation (and its logging) is not training time
+                    stats.exclude(time.perf_counter() - t_eval)  # evaluation (and its logging) is not training
                 backend.barrier()
             saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
             if saved:

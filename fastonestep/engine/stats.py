@@ -11,10 +11,17 @@ import torch
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """On a GPU: the allocator's peak since the last `restart_peak_memory`; on a CPU: the process's peak RSS
+    (which cannot be restarted)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss_kb / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def restart_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 SUMMED_OVER_RANKS = ("nonfinite_samples",)  # key suffixes of per-rank counts (summed, not averaged, over ranks)
@@ -29,7 +36,8 @@ class StatsLogger:
 
     With a distributed `backend` every rank calls `flush` (one all-reduce): a logged value is the mean over
     ranks and steps (counts such as "*nonfinite_samples" are summed over ranks), peak memory the maximum over
-    ranks, and only rank 0 writes the file. Every rank must log the same keys (they run the same code).
+    ranks (on a GPU, of the interval since the last line; `exclude` leaves out work such as evaluation), and only
+    rank 0 writes the file. Every rank must log the same keys (they run the same code).
     """
 
     def __init__(self, run_dir: str, device: torch.device, backend=None):
@@ -69,12 +77,18 @@ class StatsLogger:
             peak = float(self.backend.all_reduce(torch.tensor([peak], dtype=torch.float64, device=self.device),
                                                  "max"))
         row["peak_memory_mb"] = peak
+        restart_peak_memory(self.device)  # each line: the peak of its own interval
         row["time"] = time.time()
         if self.backend is None or self.backend.is_main:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
         self._reset()
         return row
+
+    def exclude(self, seconds: float) -> None:
+        """Work done between two steps (evaluation) is not training: neither its time nor its memory peak."""
+        self.t0 += seconds
+        restart_peak_memory(self.device)
 
     def pending_state(self) -> dict:
         """The running sums not logged yet, summed over ranks (collective when distributed), for a checkpoint: a
