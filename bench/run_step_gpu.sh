@@ -22,31 +22,8 @@ DEST="${OUT:-bench/results}"
 mkdir -p "$DEST"
 WARMUP="${WARMUP:-5}"; ITERS="${ITERS:-10}"; BATCH="${BATCH:-s=32,m=16}"; SIZES="${SIZES:-s,m}"
 MAX_SECONDS="${MAX_SECONDS:-420}"; CASE_TIMEOUT="${CASE_TIMEOUT:-150}"
-SITE="${TMPDIR:-/tmp}/fastonestep-bench-site"
-
-# Unpack only the carried wheels whose top-level module does not import here (installed versions win).
-if [ -d .whl ]; then
-  "$PY" - "$SITE" <<'EOF'
-import importlib.util, os, sys, zipfile
-site = sys.argv[1]
-module_of = {"pyyaml": "yaml", "pillow": "PIL", "py_cpuinfo": "cpuinfo"}
-os.makedirs(site, exist_ok=True)
-for wheel in sorted(os.listdir(".whl")):
-    if not wheel.endswith(".whl"):
-        continue
-    dist = wheel.split("-")[0].lower().replace("-", "_")
-    module = module_of.get(dist, dist)
-    if importlib.util.find_spec(module) is None:
-        zipfile.ZipFile(os.path.join(".whl", wheel)).extractall(site)
-        print(f"unpacked {wheel} (no '{module}' here)")
-EOF
-fi
-export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" - <<'EOF'
-import importlib.util
-missing = [m for m in ("torch", "yaml", "safetensors", "PIL", "numpy", "deepspeed") if importlib.util.find_spec(m) is None]
-print("missing:", ", ".join(missing) if missing else "nothing")
-EOF
+# shellcheck source=use_carried_wheels.sh
+source bench/use_carried_wheels.sh
 
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 echo "GPUs: $NGPU"

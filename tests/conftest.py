@@ -17,8 +17,12 @@ def _deterministic():
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    """A per-session cache for the MNIST feature classifier, so tests never touch ~/.cache."""
-    path = tmp_path_factory.mktemp("fastonestep-cache")
+    """A per-session cache (MNIST feature classifier, the JIT-built op), so tests never touch ~/.cache.
+    FASTONESTEP_TEST_CACHE names one to share instead: bench/run_gpu.sh lets its later phases reuse the op
+    the tests built, rather than build it again under their time limit."""
+    shared = os.environ.get("FASTONESTEP_TEST_CACHE")
+    path = Path(shared) if shared else tmp_path_factory.mktemp("fastonestep-cache")
+    path.mkdir(parents=True, exist_ok=True)
     os.environ["FASTONESTEP_CACHE"] = str(path)
     return path
 
