@@ -70,6 +70,13 @@ SPLIT = ("ddp", "zero3")
 STOPPED = ("ddp", "zero3")
 STOP_AT = 3
 
+# bf16 DeepSpeed (the GPU setting; DeepSpeed's CPU accelerator runs it too): the module's weights are bf16 copies of
+# fp32 master weights, under ZeRO-3 partitioned. The exports (EMA generator, DiffRatio's ratio network) must be
+# whole and hold the fp32 masters. Not compared with the fp32 trajectory: bf16 forwards differ in the 3rd digit.
+BF16_JOBS = {"zero2-bf16": DS + ["distributed.zero_stage=2", "distributed.precision=bf16"],
+             "zero3-bf16": DS + ["distributed.zero_stage=3", "distributed.precision=bf16",
+                                 "distributed.deepspeed_config={zero3_bf16_json}"]}
+
 # Distillation methods with a frozen teacher: name -> (preset, overrides, logged values compared). Each is
 # compared with its own single-process run. DMD2 gets a strong GAN (so a GAN gradient leaking into the critic
 # or missing from the generator would show) and two levels with backward simulation; backward distillation
@@ -177,6 +184,8 @@ def runs(tmp_path_factory, toy_teacher, mnist_teacher):
     train(load_config(diffratio_preset, edm2_diffratio), str(root / "single-edm2-diffratio"), **QUIET)
     zero3_json = root / "zero3-all-sharded.json"
     zero3_json.write_text(json.dumps(ZERO3_ALL_SHARDED))
+    zero3_bf16_json = root / "zero3-all-sharded-bf16.json"
+    zero3_bf16_json.write_text(json.dumps({**ZERO3_ALL_SHARDED, "bf16": {"enabled": True}}))
     jobs = []
     for name, (extra, check) in JOBS.items():
         if "distributed.backend=deepspeed" in extra and not HAVE_DEEPSPEED:
@@ -188,6 +197,8 @@ def runs(tmp_path_factory, toy_teacher, mnist_teacher):
             jobs += [{"run": split, "overrides": extra + ["train.steps=3"]}, {"run": split, "overrides": extra}]
         if name in STOPPED:
             jobs.append({"run": str(root / f"{name}-stopped"), "overrides": extra, "signal_at": STOP_AT})
+    for name, extra in BF16_JOBS.items() if HAVE_DEEPSPEED else ():
+        jobs.append({"run": str(root / name), "overrides": [o.format(zero3_bf16_json=zero3_bf16_json) for o in extra]})
     for name, (method, extra, check) in DISTILL_JOBS.items():
         if "distributed.backend=deepspeed" in extra and not HAVE_DEEPSPEED:
             continue
@@ -336,6 +347,23 @@ def test_zero3_export_is_the_gathered_ema(runs):
     for net in ("generator", "ratio"):
         tags = sorted(e for e in os.listdir(run / "ds" / net) if e.startswith(("step", ".tmp")))
         assert tags == ["step00000004", "step00000006"]
+
+
+@pytest.mark.parametrize("name", list(BF16_JOBS))
+def test_bf16_exports_are_whole_fp32_master_weights(runs, name):
+    if not HAVE_DEEPSPEED:
+        pytest.skip("deepspeed is not installed")
+    assert trajectory(runs / name)[0] == pytest.approx(trajectory(runs / "single")[0], rel=0.05)  # it trains
+    for stem in ("model", "ratio"):
+        ref = load_file(str(runs / "single" / f"{stem}.safetensors"))
+        got = load_file(str(runs / name / f"{stem}.safetensors"))
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert got[k].dtype == torch.float32 and got[k].shape == ref[k].shape, (stem, k, got[k].dtype)
+            assert torch.isfinite(got[k]).all(), (stem, k)
+        # fp32 masters, not their bf16 copies: after 6 Adam steps almost no weight is a bf16 number
+        weights = torch.cat([got[k].flatten() for k in got if k.endswith("weight")])
+        assert (weights.bfloat16().float() == weights).float().mean() < 0.1, stem
 
 
 def test_unconverted_method_and_bad_batch_split_are_refused(toy_teacher, monkeypatch, tmp_path):

@@ -8,7 +8,8 @@ trains (`backend.trainable(name, network, optim_cfg)`) and uses only that object
     t.backward(loss)      accumulate gradients of `loss` (already scaled to its share of the global batch)
     t.step(step)          reduce, warm-up lr, clip, skip non-finite, optimiser step, zero grads -> grad norm
     t.frozen()            context: parameters frozen (no gradient lands on them, nothing is reduced)
-    t.full_parameters()   context: the full fp32 parameters (ZeRO-3 gathers them) for EMA and export
+    t.full_parameters()   context: the full fp32 parameters (ZeRO-3 gathers them; bf16: the fp32 masters) for EMA
+    t.whole()             context: the network itself with those parameters in place, for exports
     t.state_dict() / t.load_state_dict(state)
 
 Global-batch semantics: train.batch_size is the effective batch of every optimiser step on every backend;
@@ -120,6 +121,21 @@ class Trainable:
         """The full parameters in `network.parameters()` order (here: the parameters themselves)."""
         yield [p.detach() for p in self.network.parameters()]
 
+    @contextlib.contextmanager
+    def whole(self):
+        """The network itself, every parameter whole and at its full-precision value (`full_parameters`) in
+        place for a while, then as it was: what an export reads. Collective where full_parameters is."""
+        with self.full_parameters() as full:
+            params = list(self.network.parameters())
+            kept = [p.data for p in params]
+            try:
+                for p, value in zip(params, full):
+                    p.data = value
+                yield self.network
+            finally:
+                for p, data in zip(params, kept):
+                    p.data = data
+
     def state_dict(self) -> dict:
         return {"module": self.network.state_dict(), "optimizer": self.opt.state_dict()}
 
@@ -226,10 +242,15 @@ class DeepSpeedTrainable(Trainable):
     @contextlib.contextmanager
     def full_parameters(self):
         params = list(self.network.parameters())
-        if self.bf16:  # the fp32 master weights, not their bf16 copies
+        if self.bf16:  # the fp32 master weights, not their bf16 copies (ZeRO-3: gathered whatever the stage)
             from deepspeed.utils import safe_get_full_fp32_param
 
-            yield [safe_get_full_fp32_param(p) for p in params]
+            masters = [safe_get_full_fp32_param(p) for p in params]
+            missing = [n for (n, _), m in zip(self.network.named_parameters(), masters) if m is None]
+            if missing:  # DeepSpeed answers only for parameters that require grad
+                raise RuntimeError(f"DeepSpeed engine '{self.name}' has no fp32 master weight for "
+                                   f"{', '.join(missing[:3])}: a trained network's parameters must require grad")
+            yield masters
         elif self.stage == 3:
             import deepspeed
 
@@ -319,11 +340,11 @@ class Backend:
 
     @contextlib.contextmanager
     def gathered(self):
-        """Every trained network whole in place for a while (ZeRO-3 gathers its shards; collective: all ranks
-        enter). Other stages and backends hold whole networks already."""
+        """Every trained network whole and in full precision in place for a while (ZeRO-3 gathers its shards,
+        bf16 puts the fp32 master weights in; collective: all ranks enter)."""
         with contextlib.ExitStack() as stack:
             for t in self.trainables.values():
-                stack.enter_context(t.full_parameters())
+                stack.enter_context(t.whole())
             yield
 
     # collectives (no-ops on one process)
