@@ -63,15 +63,39 @@ def cache_root() -> Path:
     return Path(os.environ.get("FASTONESTEP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastonestep"))
 
 
+def nvcc_release(nvcc: str) -> str | None:
+    """The CUDA release of an nvcc ("13.0"), read from `nvcc --version`; None when it cannot be run or read."""
+    import subprocess
+
+    try:
+        text = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", text)
+    return f"{found[1]}.{found[2]}" if found else None
+
+
+def same_cuda_major(nvcc: str | None, torch_cuda: str | None) -> bool:
+    """An op built by nvcc of one CUDA major version links that version's runtime, which a torch built for another
+    does not load alongside its own (torch's setup.py builder checks this; its just-in-time builder does not)."""
+    return bool(nvcc and torch_cuda) and nvcc.split(".")[0] == torch_cuda.split(".")[0]
+
+
 def cuda_build_possible() -> tuple[bool, str]:
-    """Whether the CUDA kernels can be built here: a GPU, a CUDA torch and nvcc under CUDA_HOME."""
+    """Whether the CUDA kernels can be built here: a GPU, a CUDA torch and nvcc of the same CUDA major version
+    under CUDA_HOME."""
     if not torch.cuda.is_available() or torch.version.cuda is None:
         return False, "no CUDA device (or a CPU build of torch)"
     from torch.utils.cpp_extension import CUDA_HOME
 
-    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if nvcc is None or not os.path.exists(nvcc):
         return False, "nvcc not found (set CUDA_HOME)"
-    return True, f"nvcc in {CUDA_HOME}"
+    release = nvcc_release(nvcc)
+    if not same_cuda_major(release, torch.version.cuda):
+        return False, (f"{nvcc} is CUDA {release or '(version unreadable)'} but torch was built for CUDA "
+                       f"{torch.version.cuda}; set CUDA_HOME to a toolkit of the same major version")
+    return True, f"nvcc {release} in {CUDA_HOME}"
 
 
 def compiler() -> str | None:
@@ -115,8 +139,11 @@ def build_directory(sources: list[Path], with_cuda: bool) -> Path:
     for src in [*sources, *(CSRC / h for h in HEADERS)]:
         digest.update(src.name.encode())
         digest.update(src.read_bytes())
+    # the GPUs' compute capabilities: without TORCH_CUDA_ARCH_LIST the build targets the GPUs it sees, and a cache
+    # shared by machines with other GPUs must not hand one a library without kernels for its GPU
+    gpus = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())] if with_cuda else []
     digest.update(repr((torch.__version__, torch.version.cuda, sys.version, with_cuda, CFLAGS, CUDA_CFLAGS,
-                        os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode())
+                        os.environ.get("TORCH_CUDA_ARCH_LIST"), gpus)).encode())
     return cache_root() / f"ext-{torch.__version__}-{digest.hexdigest()[:16]}"
 
 

@@ -366,3 +366,15 @@ def test_cuda_source_compiles_for_hopper(tmp_path):
     assert "Compiling entry function" in log, log[-2000:]  # ptxas -v saw the kernels
     spills = [line for line in log.splitlines() if "spill" in line and not re.search(r"\b0 bytes spill", line)]
     assert not spills, "\n".join(spills[:10])
+
+
+def test_a_cuda_build_needs_nvcc_of_torchs_cuda_major_version():
+    """torch's just-in-time builder would link an nvcc 12 build into a torch built for CUDA 13 (and the reverse):
+    the extension refuses that pairing with a reason, before any build."""
+    assert ext_module.same_cuda_major("13.0", "13.0") and ext_module.same_cuda_major("12.8", "12.4")
+    assert not ext_module.same_cuda_major("12.8", "13.0")
+    assert not ext_module.same_cuda_major(None, "13.0") and not ext_module.same_cuda_major("13.0", None)
+    nvcc = _nvcc()
+    if nvcc is not None:  # the version as the check reads it from the real compiler
+        assert re.fullmatch(r"\d+\.\d+", ext_module.nvcc_release(nvcc) or ""), nvcc
+    assert ext_module.nvcc_release("/nonexistent/nvcc") is None
