@@ -263,7 +263,7 @@ POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.checkpo
             "eval.batch_size", "eval.prdc_k", "diffratio.ratio_steps", "diffratio.sigma_g", "diffusion.sigma_data",
             "diffusion.sample_steps", "data.resolution", "optim.lr", "diffratio.ratio_optim.lr",
             "dmd.fake_steps", "dmd.num_grid_steps", "dmd.fake_optim.lr", "dmd.fake_p_std", "dpdmd.teacher_steps",
-            "backward.teacher_steps")
+            "backward.teacher_steps", "diffratio.logit_clamp")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -211,7 +211,11 @@ def dmd_loss(x, x_real_hat, x_fake_hat, impl="auto"):
 def ratio_generator_loss(x, logit_grad, logits, weight=None, divergence="rkl", normalize=True, clamp=10.0,
                          impl="auto"):
     """Scalar surrogate whose gradient w.r.t. the generator output x is g / numel(x), with
-    g_i = weight_i * h(exp(-logit_i)) * logit_grad_i / (mean|logit_grad_i| + eps) (design 4.1(b))."""
+    g_i = weight_i * h(exp(-logit_i)) * logit_grad_i / (mean|logit_grad_i| + eps) (design 4.1(b)), with the logits
+    clamped to [-clamp, clamp]."""
+    if not clamp > 0:  # [-c, c] with c < 0 is empty: the implementations would disagree on what it means
+        raise ValueError(f"ratio_generator_loss: clamp must be positive (logits are clamped to [-clamp, clamp]); "
+                         f"got {clamp!r}")
     name, mod = _backend(impl, x.device)
     if name == "triton":
         return mod[0].ratio_generator_loss(x, logit_grad, logits, weight, divergence, normalize, clamp)

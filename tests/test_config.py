@@ -19,6 +19,7 @@ def test_preset_inheritance_and_overrides():
     (["train.steps=1.5"], "config key 'train.steps' expects int"),
     (["diffratio.divergence=kl"], "'diffratio.divergence' must be one of rkl, dijs, fkl, hellinger"),
     (["train.batch_size=0"], "'train.batch_size' must be positive"),
+    (["diffratio.logit_clamp=-1"], "'diffratio.logit_clamp' must be positive"),
     (["teacher="], "set config key 'teacher'"),
     (["trainsteps"], "must look like key=value"),
     (["train=3"], "config section 'train' must be a mapping"),

@@ -113,3 +113,13 @@ def test_surrogate_gradient_is_exact_for_tiny_steps():
     (gx,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(gx[0], torch.full((4,), 1e-9 / 8), rtol=1e-6, atol=0)
     assert loss.item() == pytest.approx(0.5 * (1e-18 + 1.0) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["torch", "ext"])
+def test_ratio_generator_loss_refuses_a_clamp_that_is_not_positive(impl):
+    """Logits are clamped to [-clamp, clamp]; for clamp < 0 that interval is empty, and torch.clamp and the fused
+    kernels would each read it their own way."""
+    x, g, logits = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2)
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="clamp must be positive"):
+            losses.ratio_generator_loss(x, g, logits, clamp=bad, impl=impl)
