@@ -7,7 +7,8 @@ A job with "roundtrip" also checks, after training, that a fresh method loading 
 exactly the trained state (full parameters, EMA, RNG, optimiser state of this rank's shard); the result goes
 to <run>/roundtrip-rank<r>.json. A job with "signal_at": k has rank 0 (only) send itself SIGTERM during step
 k; every rank must then stop after that same step with a checkpoint (TrainingStopped, recorded in
-<run>/stopped-rank<r>.json), and the job is run again, resuming, to its end.
+<run>/stopped-rank<r>.json), and the job is run again, resuming, to its end. Every other job records in
+<run>/ema-rank<r>.json whether the EMA is sharded and how many of its elements this rank holds.
 """
 import contextlib
 import json
@@ -34,7 +35,9 @@ def optimiser_tensors(t) -> list[torch.Tensor]:
 
 
 def snapshot(method) -> dict:
-    out = {"ema": {k: v.clone() for k, v in method.ema.state_dict().items()}, "rng": method.rng.get_state()}
+    with method.ema.gathered(everywhere=True):  # collective: ZeRO shards the EMA
+        ema = {k: v.clone() for k, v in method.ema.state_dict().items()}
+    out = {"ema": ema, "rng": method.rng.get_state()}
     for name, t in method.backend.trainables.items():
         with t.full_parameters() as params:
             out[f"{name}/params"] = [p.detach().float().clone() for p in params]
@@ -125,16 +128,18 @@ def main():
             with open(os.path.join(job["run"], f"stopped-rank{rank}.json"), "w", encoding="utf-8") as f:
                 json.dump(result, f)
             train(cfg, job["run"], **QUIET)  # the same command again: resumes
-        elif job.get("roundtrip"):
-            # train() keeps its method private: rebuild the trained state by training here with the same calls
+        else:
+            # train() keeps its method private: capture it as train() builds it
             captured = {}
             with methods_seen(lambda method: captured.update(method=method)):
                 train(cfg, job["run"], **QUIET)
-            result = roundtrip(cfg, job["run"], captured["method"])
-            with open(os.path.join(job["run"], f"roundtrip-rank{rank}.json"), "w", encoding="utf-8") as f:
-                json.dump(result, f)
-        else:
-            train(cfg, job["run"], **QUIET)
+            ema = captured["method"].ema
+            with open(os.path.join(job["run"], f"ema-rank{rank}.json"), "w", encoding="utf-8") as f:
+                json.dump({"sharded": ema.sharded, "local_numel": ema.local_numel(), "numel": ema.numel()}, f)
+            if job.get("roundtrip"):
+                result = roundtrip(cfg, job["run"], captured["method"])
+                with open(os.path.join(job["run"], f"roundtrip-rank{rank}.json"), "w", encoding="utf-8") as f:
+                    json.dump(result, f)
 
 
 if __name__ == "__main__":

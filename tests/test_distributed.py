@@ -366,6 +366,24 @@ def test_bf16_exports_are_whole_fp32_master_weights(runs, name):
         assert (weights.bfloat16().float() == weights).float().mean() < 0.1, stem
 
 
+@pytest.mark.parametrize("name", ["ddp", "zero1", "zero2", "zero3", "zero3-bf16", "dmd2-zero3", "edm2-zero3"])
+def test_zero_shards_the_ema_over_the_ranks(runs, name):
+    """Under ZeRO each rank averages only its slice of the fp32 master weights: the ranks' slices partition the
+    EMA (about half each here) instead of each rank holding a whole fp32 copy. The runs above check that its
+    numbers are unchanged (exports and resumes against single-process runs)."""
+    if name.startswith(("zero", "dmd2-zero", "edm2-zero")) and not HAVE_DEEPSPEED:
+        pytest.skip("deepspeed is not installed")
+    held = [json.loads((runs / name / f"ema-rank{rank}.json").read_text()) for rank in (0, 1)]
+    total = held[0]["numel"]
+    assert held[1]["numel"] == total > 0
+    if name == "ddp":
+        assert [h["sharded"] for h in held] == [False, False] and [h["local_numel"] for h in held] == [total, total]
+        return
+    assert [h["sharded"] for h in held] == [True, True]
+    assert sum(h["local_numel"] for h in held) == total
+    assert all(abs(h["local_numel"] - total / 2) <= 0.02 * total for h in held), held
+
+
 def test_unconverted_method_and_bad_batch_split_are_refused(toy_teacher, monkeypatch, tmp_path):
     from fastonestep import methods
 

@@ -47,7 +47,7 @@ def test_imagenet512_presets_match_edm2_sizes_without_data(preset, no_data):
         assert 0 < head < 0.01 * main_net
         assert nets["teacher"]["role"] == "frozen"
     text = "\n".join(lines)
-    assert f"method: {cfg.method}" in text and "ZeRO 3" in text and "W+(G+O)/N" in text
+    assert f"method: {cfg.method}" in text and "ZeRO 3" in text and "W+(G+O+EMA)/N" in text
 
 
 def test_cli_dry_run_prints_config_counts_and_memory(no_data, capsys):
@@ -69,10 +69,16 @@ def test_memory_formula_stage0_vs_stage3_on_8_gpus(no_data):
     # stage 0 (ddp, fp32 states): 4 + 4 + 8, plus the fp32 EMA
     assert mem[0]["total"] == (4 + 4 + 8 + 4) * p
     # deepspeed bf16: weights 2, grads 2, optimizer 12 (fp32 master + m + v), sharded progressively over 8
-    assert mem[1]["total"] == pytest.approx((2 + 2 + 12 / 8 + 4) * p)
-    assert mem[2]["total"] == pytest.approx((2 + (2 + 12) / 8 + 4) * p)
-    assert mem[3]["total"] == pytest.approx(((2 + 2 + 12) / 8 + 4) * p)
-    assert mem[3]["ema"] == 4 * p  # the EMA is not sharded
+    # and the fp32 EMA sharded like the master weights
+    assert mem[1]["total"] == pytest.approx((2 + 2 + (12 + 4) / 8) * p)
+    assert mem[2]["total"] == pytest.approx((2 + (2 + 12 + 4) / 8) * p)
+    assert mem[3]["total"] == pytest.approx((2 + 2 + 12 + 4) / 8 * p)
+    assert mem[0]["ema"] == 4 * p and mem[3]["ema"] == pytest.approx(4 * p / 8)
+    simulating = load_config(str(CONFIGS / "imagenet512" / "dmd2_s.yaml"), no_data[:1] + [
+        "method=backward", "backward.trajectory_net=ema"])
+    result = dryrun.dry_run(simulating, gpus=8, stages=(3,), activations=False, out=lambda *_: None)
+    generator = result["memory"][3]["generator"]
+    assert generator["ema"] == 4 * result["networks"]["generator"]["parameters"]  # used whole every step
     fp32 = dryrun.state_bytes(dryrun.NetworkPlan("x", torch.nn.Linear(10, 10), "trainable"), "fp32", 4, 3)
     assert fp32["total"] == (4 + 4 + 8) * 110 / 4
     frozen = dryrun.state_bytes(dryrun.NetworkPlan("t", torch.nn.Linear(10, 10), "frozen"), "bf16", 8, 3)

@@ -209,10 +209,9 @@ def network_inventory(method) -> list[tuple[str, str, int]]:
             name = next((k for k, m in modules.items() if {id(p) for p in m.parameters()} == ids), "network")
             nets.append((name, "trainable", sum(p.numel() for g in opt.param_groups for p in g["params"])))
             seen |= ids
-    ema = getattr(getattr(method, "ema", None), "net", None)
-    if ema is not None:
-        nets.append(("ema", "ema", _num_params(ema)))
-        seen |= {id(p) for p in ema.parameters()}
+    ema = getattr(method, "ema", None)
+    if ema is not None:  # its own copy: no other attribute holds its parameters
+        nets.append(("ema", "ema", ema.numel()))
     for name, m in modules.items():
         ids = {id(p) for p in m.parameters()}
         if ids and not ids & seen:
@@ -222,14 +221,15 @@ def network_inventory(method) -> list[tuple[str, str, int]]:
 
 
 def state_bytes_per_gpu(role: str, params: int, precision: str, world_size: int, stage: int) -> float:
-    """Weights + gradients + optimizer state on one GPU (the dry-run formula); EMA / frozen: fp32 weights."""
+    """Weights + gradients + optimizer state on one GPU (the dry-run formula); EMA / frozen: fp32 weights (the EMA
+    sharded over the GPUs under ZeRO)."""
     from fastonestep.engine.dryrun import EMA_BYTES, FROZEN_BYTES, state_bytes
 
     if role == "ema":
-        return EMA_BYTES * params
+        return EMA_BYTES * params / (world_size if stage >= 1 else 1)
     if role == "frozen":
         return FROZEN_BYTES * params
-    plan = argparse.Namespace(parameters=params, role="trainable", ema=False)
+    plan = argparse.Namespace(parameters=params, role="trainable", ema=False, ema_whole=False)
     return state_bytes(plan, precision, world_size, stage)["total"]
 
 

@@ -10,6 +10,7 @@ trains (`backend.trainable(name, network, optim_cfg)`) and uses only that object
     t.frozen()            context: parameters frozen (no gradient lands on them, nothing is reduced)
     t.full_parameters()   context: the full fp32 parameters (ZeRO-3 gathers them; bf16: the fp32 masters) for EMA
     t.whole()             context: the network itself with those parameters in place, for exports
+    t.master_slices()     this rank's slices of the fp32 master weights under ZeRO (the sharded EMA), else None
     t.state_dict() / t.load_state_dict(state)
 
 Global-batch semantics: train.batch_size is the effective batch of every optimiser step on every backend;
@@ -37,6 +38,7 @@ from torch import nn
 from fastonestep.config import Config, ConfigError, OptimConfig
 from fastonestep.engine.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 from fastonestep.engine import zero_weight_norm
+from fastonestep.engine.zero_master import local_master
 from fastonestep.networks.checkpointing import set_activation_checkpointing
 
 DEEPSPEED_DIR = "ds"  # run_dir/ds/<network>/step00000012: DeepSpeed shards of each engine
@@ -120,6 +122,12 @@ class Trainable:
     def full_parameters(self):
         """The full parameters in `network.parameters()` order (here: the parameters themselves)."""
         yield [p.detach() for p in self.network.parameters()]
+
+    def master_slices(self, part: str = ""):
+        """This rank's slices of the fp32 master weights, as [(flat slice, index of its first element)] per
+        parameter under `part` (a submodule name, "" for all), when an optimizer partitions them (DeepSpeed ZeRO);
+        None where every rank holds whole parameters (here)."""
+        return None
 
     @contextlib.contextmanager
     def whole(self):
@@ -259,6 +267,11 @@ class DeepSpeedTrainable(Trainable):
         else:
             yield [p.detach() for p in params]
 
+    def master_slices(self, part=""):
+        prefix = part + "." if part else ""
+        return [local_master(p, self.backend.rank) for n, p in self.network.named_parameters()
+                if n.startswith(prefix)]
+
     # Checkpoints: shards are written under a temporary tag, renamed by rank 0 once every rank is done, and
     # only then referenced by the checkpoint-*.pt that rank 0 writes atomically: a crash leaves the previous
     # checkpoint intact and at worst an unreferenced directory, which the next save removes.
@@ -355,6 +368,12 @@ class Backend:
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.world_size > 1:
             dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return tensor
+
+    def reduce_to_main(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, in `tensor` on rank 0 (other ranks' tensors are left unspecified)."""
+        if self.world_size > 1:
+            dist.reduce(tensor, dst=0)
         return tensor
 
     def broadcast_object(self, obj):

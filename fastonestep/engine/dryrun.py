@@ -12,7 +12,8 @@ Memory per GPU is a formula, printed with the numbers. Bytes per parameter of a 
                            fp32: weights 4, gradients 4, optimizer 8
   ZeRO stage 1 shards the optimizer state over the N GPUs, stage 2 also the gradients, stage 3 also the
   weights:  per GPU = W + G + O (stage 0), W + G + O/N (1), W + (G + O)/N (2), (W + G + O)/N (3).
-  EMA: a full fp32 copy (4 bytes/param) on every GPU at every stage (it is updated from gathered weights).
+  EMA: fp32 (4 bytes/param), whole on every GPU at stage 0; under ZeRO (stages 1-3) sharded like the fp32
+  master weights it is updated from, 4/N per GPU (whole where backward distillation simulates with it).
   Frozen networks held during training (a DMD teacher): fp32 weights, replicated.
 Activations (optional, rough): the tensors autograd saves for backward in one training forward of each
 network, traced on the meta device at batch 1 and 2 (the difference is per sample, the rest -- mostly the
@@ -57,6 +58,7 @@ class NetworkPlan:
     module: torch.nn.Module  # on the meta device
     role: str  # "trainable" | "frozen" (held during training) | "init-only" (released after initialisation)
     ema: bool = False
+    ema_whole: bool = False  # an EMA used in every step (backward.trajectory_net=ema) is not sharded
     note: str = ""
 
     @property
@@ -132,6 +134,7 @@ def plan_networks(cfg: Config) -> tuple[list[NetworkPlan], dict]:
             return [generator, NetworkPlan("fake_score", critic, "trainable", note=note),
                     NetworkPlan("teacher", teacher, "frozen", note="evaluated every step")], facts
         if cfg.method == "backward":
+            generator.ema_whole = cfg.backward.trajectory_net == "ema"
             return [generator, NetworkPlan("teacher", teacher, "frozen", note="evaluated every step")], facts
     raise ConfigError(f"the dry run does not know the networks of method {cfg.method!r}")
 
@@ -173,6 +176,8 @@ def state_bytes(plan: NetworkPlan, precision: str, gpus: int, stage: int) -> dic
     if stage >= 3:
         w /= gpus
     e = EMA_BYTES * n if plan.ema else 0
+    if stage >= 1 and not plan.ema_whole:
+        e /= gpus
     return {"weights": w, "grads": g, "optimizer": o, "ema": e, "total": w + g + o + e}
 
 
@@ -305,8 +310,8 @@ def dry_run(cfg: Config, gpus: int = 1, stages=(0, 1, 2, 3), activations: bool =
     auto = " (auto, planned as bf16 on GPUs)" if cfg.distributed.precision == "auto" else ""
     out(f"# memory per GPU: {gpus} GPU(s), distributed.precision={precision}{auto}")
     out("#   bytes/param of a trained network: stage 0 (single/ddp, autocast) W=4 G=4 O=8; "
-        f"stages 1-3 (deepspeed, {precision}) W={wb} G={gb} O={ob}; EMA 4 (full copy per GPU); frozen 4")
-    out("#   per GPU: stage 0 W+G+O | stage 1 W+G+O/N | stage 2 W+(G+O)/N | stage 3 (W+G+O)/N, plus EMA")
+        f"stages 1-3 (deepspeed, {precision}) W={wb} G={gb} O={ob}; EMA 4 (sharded under ZeRO); frozen 4")
+    out("#   per GPU: stage 0 W+G+O+EMA | stage 1 W+G+(O+EMA)/N | stage 2 W+(G+O+EMA)/N | stage 3 (W+G+O+EMA)/N")
     header = "  " + f"{'network':<12}" + "".join(f"{f'ZeRO {s}':>12}" for s in stages)
     out(header)
     for p in plans:

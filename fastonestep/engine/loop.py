@@ -165,9 +165,10 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
 
         def save_checkpoint(done: int) -> None:
             pending = stats.pending_state()  # collective: every rank, before the engines' shards
-            backend.save_checkpoint(run_dir, done, lambda: {
-                "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
-                **default_rng_state(method.device), "stats": pending})
+            with method.ema.gathered():  # collective: the checkpoint holds the whole EMA (written by rank 0)
+                backend.save_checkpoint(run_dir, done, lambda: {
+                    "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
+                    **default_rng_state(method.device), "stats": pending})
 
         bar = _progress_bar(start, cfg.train.steps, progress)
         t_start = time.perf_counter()
@@ -185,12 +186,13 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in line.items()
                                      if ("loss" in k or "accuracy" in k) and v is not None})
             if eval_due(done, batch, cfg.train.eval_every_kimg):  # before the checkpoint: a crash re-runs it
-                if main:  # evaluation reads the EMA, a full copy on every rank: no collective inside
-                    t_eval = time.perf_counter()
-                    row, samples = periodic_eval(method, dataset, cfg, run_dir, done, done * batch)
-                    if board is not None:
-                        board.eval(row, samples, cfg.eval.grid)
-                    stats.exclude(time.perf_counter() - t_eval)  # evaluation (and its logging) is not training
+                with method.ema.gathered():  # collective: the EMA whole on rank 0 (ZeRO shards it)
+                    if main:  # evaluation reads the EMA only: no collective inside
+                        t_eval = time.perf_counter()
+                        row, samples = periodic_eval(method, dataset, cfg, run_dir, done, done * batch)
+                        if board is not None:
+                            board.eval(row, samples, cfg.eval.grid)
+                        stats.exclude(time.perf_counter() - t_eval)  # evaluation (and its logging) is not training
                 backend.barrier()
             saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
             if saved:
@@ -208,19 +210,20 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
             bar.close()
     train_seconds = time.perf_counter() - t_start
 
-    with backend.gathered():  # ZeRO-3: trained networks whole on every rank (collective) for the exports
-        if main:
-            export_model(os.path.join(run_dir, "model.safetensors"), method.export_network(),
-                         model_info(cfg, method, dataset))
-            for name, (module, info) in method.export_extra().items():  # e.g. DiffRatio's ratio net (verifier)
-                export_model(os.path.join(run_dir, f"{name}.safetensors"), module, info)
     metrics = None
-    if main:
-        metrics = evaluate(method, dataset, cfg, run_dir, progress=log)
-        metrics["parameters"] = method.parameter_counts
-        metrics["train_seconds_this_session"] = train_seconds
-        metrics["steps"] = cfg.train.steps
-        atomic_write_json(metrics_path, metrics)
+    with method.ema.gathered():  # collective: the EMA whole on rank 0 for the export and the evaluation
+        with backend.gathered():  # collective: trained networks whole, fp32, on every rank for the exports
+            if main:
+                export_model(os.path.join(run_dir, "model.safetensors"), method.export_network(),
+                             model_info(cfg, method, dataset))
+                for name, (module, info) in method.export_extra().items():  # e.g. DiffRatio's ratio net (verifier)
+                    export_model(os.path.join(run_dir, f"{name}.safetensors"), module, info)
+        if main:
+            metrics = evaluate(method, dataset, cfg, run_dir, progress=log)
+            metrics["parameters"] = method.parameter_counts
+            metrics["train_seconds_this_session"] = train_seconds
+            metrics["steps"] = cfg.train.steps
+            atomic_write_json(metrics_path, metrics)
     return backend.broadcast_object(metrics)
 
 

@@ -24,6 +24,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from fastonestep.engine.zero_master import local_master
+
 
 def forced_norm_layers(network: nn.Module) -> list[nn.Module]:
     """The trained layers that keep their weight rows at unit RMS (modules with `force_normalize_`: EDM2's MPConv)."""
@@ -74,9 +76,7 @@ def _rescale_other_copies(param: nn.Parameter, rank: int, divisors: torch.Tensor
         finally:
             param.requires_grad_(not frozen)
         return
-    mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1/2: a fragment of the flat fp32 partition, or none
-    if mapping is not None:
-        divide(mapping.get_hp_fragment().reshape(-1), mapping.lp_fragment_address.start)
+    divide(*local_master(param, rank))  # ZeRO 1/2: a fragment of the flat fp32 partition, or nothing
 
 
 def attach(layers: list[nn.Module], rank: int) -> None:

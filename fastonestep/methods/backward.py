@@ -105,6 +105,8 @@ class BackwardDistillation(DistillMethod):
                                  "teacher_frozen": count_parameters(self.teacher)}
         # The engine last (ZeRO-3 shards parameters here); self.generator stays the plain student.
         self.gen = self.backend.trainable("generator", _RawStudent(self.generator), cfg.optim)
+        if cfg.backward.trajectory_net == "student":  # an EMA that simulates trajectories must stay whole
+            self.ema.shard_like(self.gen)  # ZeRO: each rank averages its slice of the generator only
 
     # -- training -----------------------------------------------------------------------------------------
     def draw(self, n: int):

@@ -50,6 +50,7 @@ class DiffRatio(DistillMethod):
         # shards them here); self.generator / self.ratio stay the plain networks (frozen use, sampling).
         self.gen = self.backend.trainable("generator", self.generator, cfg.optim)
         self.ratio_t = self.backend.trainable("ratio", self.ratio, dr.ratio_optim)
+        self.ema.shard_like(self.gen)  # ZeRO: each rank averages its slice of the generator only
 
     # -- construction -------------------------------------------------------------------------------------
     def _build_ratio(self, teacher):

@@ -97,6 +97,7 @@ class DMD(DistillMethod):
         # them here); self.generator / self.critic stay the plain networks (no-grad and frozen use).
         self.gen = self.backend.trainable("generator", self.generator, cfg.optim)
         self.critic_t = self.backend.trainable("critic", self.critic, dmd.fake_optim)
+        self.ema.shard_like(self.gen)  # ZeRO: each rank averages its slice of the generator only
 
     def student_levels(self) -> list[float]:
         return [float(s) for s in self.cfg.dmd.student_sigmas]

@@ -47,6 +47,7 @@ class EDMPretrain(Method):
             self.parameter_counts["logvar"] = count_parameters(logvar)
         self.ema = EMA(self.net, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup)  # the denoiser only
         self.denoiser = self.backend.trainable("denoiser", _RawDenoiser(self.net, logvar), cfg.optim)
+        self.ema.shard_like(self.denoiser, part="precond")  # ZeRO: each rank averages its slice only
 
     def step(self, next_batch, step, nimg):
         d = self.cfg.diffusion
