@@ -141,7 +141,7 @@ class EMA:
         device on a GPU, not one per parameter)."""
         if len(averages) != len(sources):
             raise ValueError(f"the EMA has {len(averages)} parameters, its source {len(sources)}")
-        sources = [s.to(a.dtype) for a, s in zip(averages, sources)]
+        sources = [s.to(a.device, a.dtype) for a, s in zip(averages, sources)]  # offloaded masters live on the CPU
         if averages:
             torch._foreach_lerp_(averages, sources, 1.0 - beta)
 
