@@ -3,9 +3,11 @@
 // *** COMPILED AND TESTED ONLY ON A GPU MACHINE. *** The CPU development machine cannot build this file into
 // the extension (its torch has no CUDA builder); kernels/ext.py compiles it just in time when a GPU, a CUDA
 // torch and nvcc are present, and tests/test_ext_op.py::test_cuda_* checks it against kernels/reference.py
-// there. As written it has only passed a compile-only check, which CI repeats wherever nvcc is installed
-// (tests/test_ext_op.py::test_cuda_source_compiles_for_hopper: -c for sm_90 against the torch headers, no
-// register spills); it has never run.
+// there. It has never run on a GPU. CI checks it two ways without one: a compile-only check wherever nvcc is
+// installed (tests/test_ext_op.py::test_cuda_source_compiles_for_hopper: -c for sm_90 against the torch headers,
+// no register spills), and a run of these kernels and this host code on the CPU under a fiber-per-thread CUDA
+// emulation, against the CPU op (tests/test_cuda_emulated.py: indexing, chunking, reductions, barriers, NaN rows;
+// not nvcc's code generation nor the GPU memory model). Launches must keep the form kernel<<<...>>>(args).
 //
 // Same contract as the CPU kernels: inputs are contiguous (B, N) rows; arithmetic and accumulation in
 // at::opmath_type (fp32 for fp32/half/bf16, fp64 for fp64); the loss and the gradient come from one pass.
