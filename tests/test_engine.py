@@ -94,3 +94,17 @@ def test_peak_memory_on_a_gpu_is_that_of_each_log_interval_without_evaluation(tm
     allocator["peak"] = max(allocator["peak"], 2 * mib)
     stats.add({"loss": 1.0}, 4)
     assert stats.flush(2, 8)["peak_memory_mb"] == 2
+
+
+def test_a_sharded_ema_must_follow_the_trainables_parameters(tmp_path):
+    """shard_like matches the optimizer's master slices to the EMA's parameters by order: a trainable whose
+    parameters differ in shape is refused rather than averaged into the wrong tensors."""
+    from types import SimpleNamespace
+
+    ema = EMA(torch.nn.Linear(3, 4), halflife_kimg=1.0)
+    other = torch.nn.Linear(4, 3)
+    slices = [(p.detach().reshape(-1), 0) for p in other.parameters()]
+    trainable = SimpleNamespace(name="generator", network=other, backend=None, master_slices=lambda part: slices)
+    with pytest.raises(ValueError, match="not those of trainable 'generator'"):
+        ema.shard_like(trainable)
+    assert not ema.sharded and ema.net.weight.shape == (4, 3)

@@ -405,7 +405,11 @@ def run_case(case: Case, date: str = "", log=print) -> dict | None:
         times.sort()
         med = _quantile(times, 0.5)
         nets = network_inventory(method)
-        states = [(n, state_bytes_per_gpu(role, p, backend.precision, backend.world_size, BACKENDS[case.backend][1]))
+        from fastonestep.engine.dryrun import EMA_BYTES
+
+        # the EMA as held (sharded under ZeRO unless a method keeps it whole), the networks by the formula
+        states = [(n, EMA_BYTES * method.ema.local_numel() if role == "ema" else
+                   state_bytes_per_gpu(role, p, backend.precision, backend.world_size, BACKENDS[case.backend][1]))
                   for n, role, p in nets]
         cuda = device.type == "cuda"
         act = dict(zip(PHASES, peaks[4::2]))

@@ -224,6 +224,7 @@ class DeepSpeedTrainable(Trainable):
         self.stage = config["zero_optimization"]["stage"]
         self.bf16 = config.get("bf16", {}).get("enabled", False)
         self._tag = None
+        self._master_slices = {}  # part -> master_slices(part)
         self._forced_norm = zero_weight_norm.forced_norm_layers(self.network)  # EDM2 layers (unit-RMS rows)
         zero_weight_norm.attach(self._forced_norm, backend.rank)
 
@@ -268,9 +269,12 @@ class DeepSpeedTrainable(Trainable):
             yield [p.detach() for p in params]
 
     def master_slices(self, part=""):
-        prefix = part + "." if part else ""
-        return [local_master(p, self.backend.rank) for n, p in self.network.named_parameters()
-                if n.startswith(prefix)]
+        # views into the optimizer's flat fp32 buffers, which its steps update in place: kept until a load
+        if part not in self._master_slices:
+            prefix = part + "." if part else ""
+            self._master_slices[part] = [local_master(p, self.backend.rank)
+                                         for n, p in self.network.named_parameters() if n.startswith(prefix)]
+        return self._master_slices[part]
 
     # Checkpoints: shards are written under a temporary tag, renamed by rank 0 once every rank is done, and
     # only then referenced by the checkpoint-*.pt that rank 0 writes atomically: a crash leaves the previous
@@ -312,6 +316,7 @@ class DeepSpeedTrainable(Trainable):
             raise CheckpointError(f"DeepSpeed checkpoint '{ref['dir']}/{ref['tag']}' in '{self.backend.run_dir}' "
                                   "cannot be loaded")
         self._tag = ref["tag"]
+        self._master_slices = {}  # the load may have replaced the optimizer's buffers
         zero_weight_norm.mark_stale(self._forced_norm)
 
 

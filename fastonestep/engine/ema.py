@@ -70,9 +70,12 @@ class EMA:
         if slices is None:
             return
         params = list(self._net.parameters())
-        if len(slices) != len(params):
-            raise ValueError(f"the EMA follows {len(params)} parameters but the trainable '{trainable.name}' has "
-                             f"{len(slices)} under '{part}'")
+        prefix = part + "." if part else ""
+        shapes = [tuple(getattr(p, "ds_shape", p.shape)) for n, p in trainable.network.named_parameters()
+                  if n.startswith(prefix)]
+        if shapes != [tuple(p.shape) for p in params]:  # the slices are matched to the EMA's parameters by order
+            raise ValueError(f"the EMA's parameters (shapes {[tuple(p.shape) for p in params][:3]}...) are not "
+                             f"those of trainable '{trainable.name}' under '{part}' ({shapes[:3]}...)")
         self._shapes = [p.shape for p in params]
         self._starts = [start for _, start in slices]
         self._shards = [p.detach().reshape(-1)[start:start + s.numel()].float().clone()

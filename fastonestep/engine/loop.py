@@ -169,6 +169,7 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
                 backend.save_checkpoint(run_dir, done, lambda: {
                     "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
                     **default_rng_state(method.device), "stats": pending})
+            stats.exclude(0.0)  # its time counts as training, its memory peak (the assembled EMA) does not
 
         bar = _progress_bar(start, cfg.train.steps, progress)
         t_start = time.perf_counter()

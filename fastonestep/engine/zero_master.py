@@ -5,6 +5,11 @@ per rank, of which a parameter owns a fragment (or nothing), and ZeRO-3 a shard 
 the elements [r * size, (r + 1) * size) of the flattened parameter, the last shard padded). What lives here is the
 parameter right after each optimizer step, in full precision, whatever the module holds (bf16 copies, or under
 ZeRO-3 nothing between forwards). The sharded EMA (engine/ema.py) follows these slices without communication.
+
+The slices are views into the optimizer's flat fp32 buffers, which its steps update in place, so a caller may keep
+them (until a checkpoint is loaded). Under ZeRO-3 they are taken from the optimizer's own bookkeeping
+(`grad_position`, `fp32_partitioned_groups_flat`, DeepSpeed 0.19) rather than through `safe_get_local_fp32_param`,
+which waits for the reduce stream on every call: one host wait per parameter per step on a GPU.
 """
 from __future__ import annotations
 
@@ -12,21 +17,31 @@ import torch
 from torch import nn
 
 
-def local_master(param: nn.Parameter, rank: int) -> tuple[torch.Tensor, int]:
-    """(this rank's slice of the flattened fp32 master weight of `param`, the index of its first element):
-    a view, or a copy when the optimizer state is offloaded; empty when this rank holds none of it."""
-    if hasattr(param, "ds_id"):  # ZeRO-3
-        from deepspeed.utils import safe_get_local_fp32_param
+def _zero3_master(param: nn.Parameter, rank: int) -> tuple[torch.Tensor, int]:
+    optimizer = param._z3_optimizer
+    if optimizer.optimizer_swapper is not None:  # the buffer may be on NVMe between steps: no stable view
+        raise RuntimeError("DeepSpeed ZeRO-3 with the optimizer state swapped to NVMe (offload_optimizer.device="
+                           "nvme) is not supported: the sharded EMA reads the fp32 master weights in place")
+    size = param.ds_tensor.numel()
+    start = min(rank * size, param.ds_numel)
+    valid = max(0, min(size, param.ds_numel - start))
+    position = optimizer.grad_position.get(optimizer.get_param_id(param))
+    if position is None:  # DeepSpeed keeps master weights only for parameters that require grad
+        raise RuntimeError(f"no fp32 master weight for a parameter of shape {tuple(param.ds_shape)}: the "
+                           "parameters of a trained network must require grad")
+    group, offset, _ = position
+    return optimizer.fp32_partitioned_groups_flat[group].narrow(0, offset, valid), start
 
-        size = param.ds_tensor.numel()
-        start = min(rank * size, param.ds_numel)
-        valid = max(0, min(size, param.ds_numel - start))
-        master = safe_get_local_fp32_param(param)
-        if master is None:  # DeepSpeed answers only for parameters that require grad
-            raise RuntimeError(f"no fp32 master weight for a parameter of shape {tuple(param.ds_shape)}: the "
-                               "parameters of a trained network must require grad")
-        return master.reshape(-1)[:valid], start
-    mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1/2: a fragment of the flat fp32 partition, or none
+
+def local_master(param: nn.Parameter, rank: int) -> tuple[torch.Tensor, int]:
+    """(this rank's slice of the flattened fp32 master weight of `param`, the index of its first element); empty
+    when this rank holds none of it. On the optimizer's device (the CPU when its state is offloaded)."""
+    if hasattr(param, "ds_id"):
+        return _zero3_master(param, rank)
+    if not hasattr(param, "_hp_mapping"):  # ZeRO 1/2 link every parameter they train; None = none of it here
+        raise RuntimeError(f"no fp32 master weight for a parameter of shape {tuple(param.shape)}: the parameters "
+                           "of a trained network must require grad")
+    mapping = param._hp_mapping
     if mapping is None:
         return torch.empty(0, dtype=torch.float32, device=param.device), 0
     return mapping.get_hp_fragment().reshape(-1), mapping.lp_fragment_address.start

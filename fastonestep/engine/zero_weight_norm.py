@@ -58,25 +58,15 @@ def _rescale_other_copies(param: nn.Parameter, rank: int, divisors: torch.Tensor
             seen.add((flat.data_ptr(), flat.numel()))
             _divide_rows(flat, start, per_row, divisors)
 
-    if hasattr(param, "ds_id"):  # ZeRO-3: rank r holds elements [r * size, (r + 1) * size), the last one padded
-        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
-
+    if hasattr(param, "ds_id"):  # ZeRO-3 also keeps a shard: rank r holds [r * size, (r + 1) * size), padded
         shard = param.ds_tensor.reshape(-1)
         start = rank * shard.numel()
         valid = max(0, min(shard.numel(), param.ds_numel - start))
         divide(shard[:valid], start)
-        # DeepSpeed answers only for parameters that require grad; a frozen forward (the ratio network in
-        # DiffRatio's generator step) may be the first after a step, and its rescale must reach the master too
-        frozen = not param.requires_grad
-        param.requires_grad_(True)
-        try:
-            master = safe_get_local_fp32_param(param)  # a view, or a copy when the optimizer is offloaded
-            divide(master.reshape(-1)[:valid], start)
-            safe_set_local_fp32_param(param, master)
-        finally:
-            param.requires_grad_(not frozen)
-        return
-    divide(*local_master(param, rank))  # ZeRO 1/2: a fragment of the flat fp32 partition, or nothing
+    # this rank's slice of the fp32 master weights (ZeRO 1/2: a fragment of the flat partition, or nothing), in
+    # place: also after a frozen forward (the ratio network in DiffRatio's generator step may be the first after a
+    # step), and without the reduce-stream wait of DeepSpeed's accessor
+    divide(*local_master(param, rank))
 
 
 def attach(layers: list[nn.Module], rank: int) -> None:
