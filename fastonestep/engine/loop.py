@@ -187,14 +187,14 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in line.items()
                                      if ("loss" in k or "accuracy" in k) and v is not None})
             if eval_due(done, batch, cfg.train.eval_every_kimg):  # before the checkpoint: a crash re-runs it
+                t_eval = time.perf_counter()
                 with method.ema.gathered():  # collective: the EMA whole on rank 0 (ZeRO shards it)
                     if main:  # evaluation reads the EMA only: no collective inside
-                        t_eval = time.perf_counter()
                         row, samples = periodic_eval(method, dataset, cfg, run_dir, done, done * batch)
                         if board is not None:
                             board.eval(row, samples, cfg.eval.grid)
-                        stats.exclude(time.perf_counter() - t_eval)  # evaluation (and its logging) is not training
                 backend.barrier()
+                stats.exclude(time.perf_counter() - t_eval)  # evaluation (and its logging) is not training
             saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
             if saved:
                 save_checkpoint(done)
