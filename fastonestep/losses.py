@@ -19,8 +19,9 @@ ValueError.
 
 On CUDA, a fused implementation is checked once per process against the eager reference before its first use
 (fastonestep.kernels.self_check: every function on small inputs, values and gradients, fp32 and bf16); if it
-fails it counts as unavailable, with a warning saying what differed. FASTONESTEP_SELF_CHECK=0 skips the check;
-code traced by torch.compile skips it too unless an eager call ran it first.
+fails it counts as unavailable, with a warning saying what differed. A check that faulted the device (which
+leaves CUDA unusable for the rest of the process, eager path included) raises instead, saying how to restart.
+FASTONESTEP_SELF_CHECK=0 skips the check; code traced by torch.compile skips it too unless an eager call ran it first.
 
 All functions accumulate in fp32 whatever the input dtype. Fused implementations return the same values up to
 fp32 rounding, with one documented exception: the noise add_noise draws for a given `seed` depends on the
@@ -95,10 +96,36 @@ def _self_check(impl: str, device: torch.device) -> tuple[bool, str]:
             failure = f"{type(exc).__name__}: {exc}"
         _CHECKED[key] = failure or ""
         if failure:
+            _refuse_after_device_fault(impl, device, failure)
+        if failure:
             warnings.warn(f"fastonestep.losses: impl={impl!r} failed its first-use check on {device.type} against "
                           f"the eager reference and will not be used: {failure}", RuntimeWarning, stacklevel=4)
     failure = _CHECKED[key]
     return (False, f"its first-use check on {device.type} failed ({failure})") if failure else (True, "")
+
+
+def _device_fault(device: torch.device) -> Exception | None:
+    """The error a device reports on its next synchronisation, if a kernel faulted on it (CUDA: an illegal
+    address, a trap). After a fault the CUDA context refuses all further work, the eager path's too."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+    except Exception as fault:
+        return fault
+    return None
+
+
+def _refuse_after_device_fault(impl: str, device: torch.device, failure: str) -> None:
+    """A failed check normally costs a warning and the eager path; after a device fault there is no eager path
+    left in this process, so say so instead of letting the next unrelated operation fail with the fault."""
+    fault = _device_fault(device)
+    if fault is not None:
+        raise RuntimeError(
+            f"fastonestep.losses: impl={impl!r} faulted on {device} during its first-use check ({failure}); the "
+            f"device cannot run anything more in this process, so the eager fallback is not possible. Restart "
+            f"with FASTONESTEP_IMPL=torch (or the trainer config 'kernels: eager'), and please report this error "
+            f"with the GPU and the torch/triton versions.") from fault
 
 
 def impl_available(impl: str, device=None) -> tuple[bool, str]:

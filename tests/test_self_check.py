@@ -94,3 +94,24 @@ def test_the_check_covers_samples_of_several_chunks(checked_on_cpu, monkeypatch)
     with pytest.warns(RuntimeWarning, match="first-use check"):
         ok, why = losses.impl_available("ext")
     assert not ok and "dmd_loss output" in why and "shape (2, 3, 41, 53)" in why
+
+
+def test_a_check_that_faulted_the_device_raises_instead_of_falling_back(checked_on_cpu, monkeypatch):
+    """After a device fault (CUDA: illegal address) the context refuses all work, eager included: the check says
+    so and how to restart, rather than warning and letting the next unrelated operation die of the fault."""
+    monkeypatch.setattr(_ext_module(), "dmd_loss", raises)
+    fault = RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(losses, "_device_fault", lambda device: fault)
+    with pytest.raises(RuntimeError, match="impl='ext' faulted on cpu.*kernel launch failed.*FASTONESTEP_IMPL=torch"
+                       ) as raised:
+        losses.impl_available("ext")
+    assert raised.value.__cause__ is fault
+
+
+def test_a_failed_check_without_a_device_fault_only_warns(checked_on_cpu, monkeypatch):
+    monkeypatch.setattr(_ext_module(), "dmd_loss", raises)
+    seen = []
+    monkeypatch.setattr(losses, "_device_fault", lambda device: seen.append(device.type))
+    with pytest.warns(RuntimeWarning, match="first-use check"):
+        assert losses.impl_available("ext")[0] is False
+    assert seen == ["cpu"]  # the device was asked
