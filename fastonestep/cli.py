@@ -1,4 +1,4 @@
-"""The `fastonestep` command: train | sample | eval | dataset | experiment | bench | demo.
+"""The `fastonestep` command: train | sample | eval | ema | dataset | experiment | bench | demo.
 
 Errors a user can fix (a bad config key or value, a missing or malformed file) print one line naming the
 problem and exit with status 2; no traceback (set FASTONESTEP_DEBUG=1 to see one).
@@ -100,6 +100,20 @@ def _cmd_dataset(args) -> int:
     return 0
 
 
+def _load_into(net, path: str) -> None:
+    """The weights of model file `path` into `net`, which must be of the same architecture."""
+    from safetensors.torch import load_file
+
+    from fastonestep.engine.checkpoint import CheckpointError
+    from fastonestep.engine.export import read_info
+
+    read_info(path)  # a fastonestep model file, or a clear error
+    try:
+        net.load_state_dict(load_file(path))
+    except RuntimeError as e:
+        raise CheckpointError(f"model file '{path}' is not a model of this run's architecture: {e}") from None
+
+
 def _cmd_eval(args) -> int:
     from fastonestep.config import load_config
     from fastonestep.engine.checkpoint import CheckpointError, atomic_write_json, latest_checkpoint, load_checkpoint
@@ -115,6 +129,8 @@ def _cmd_eval(args) -> int:
         raise FileNotFoundError(f"'{args.run}' is not a run directory (no config.yaml), nor a folder of images")
     if args.ref:
         raise ValueError("--ref applies to an image folder; for a run directory use --fid-ref (FID statistics)")
+    if args.model and not os.path.isfile(args.model):
+        raise FileNotFoundError(f"--model: file '{args.model}' does not exist")
     overrides = [f"eval.num_samples={args.num}"] if args.num else []
     overrides += [f"eval.inception={args.inception}"] if args.inception else []
     overrides += [f"eval.fid_ref={args.fid_ref}"] if args.fid_ref else []
@@ -126,6 +142,8 @@ def _cmd_eval(args) -> int:
         raise CheckpointError(f"run directory '{args.run}' has no checkpoint to evaluate")
     dataset, method = build(cfg)
     method.load_state_dict(load_checkpoint(ckpt)["method"])
+    if args.model:  # e.g. a post-hoc EMA (`fastonestep ema`): evaluated in place of the run's EMA
+        _load_into(method.ema.net, args.model)
     first = []
 
     def save_first_stats(name, samples):  # --save-stats: the run's model (the first sampler)
@@ -137,9 +155,13 @@ def _cmd_eval(args) -> int:
 
     metrics = evaluate(method, dataset, cfg, args.run, on_samples=save_first_stats)
     metrics["parameters"] = method.parameter_counts
-    atomic_write_json(os.path.join(args.run, "metrics.json"), metrics)
-    if args.json:
-        atomic_write_json(args.json, metrics)
+    if args.model:  # the run's own metrics.json stays that of its EMA
+        metrics["model"] = os.path.abspath(args.model)
+        atomic_write_json(args.json or os.path.splitext(args.model)[0] + "-metrics.json", metrics)
+    else:
+        atomic_write_json(os.path.join(args.run, "metrics.json"), metrics)
+        if args.json:
+            atomic_write_json(args.json, metrics)
     print(json.dumps(_headline(metrics), indent=2))
     return 0
 
@@ -150,6 +172,8 @@ def _eval_image_folder(args) -> int:
 
     if args.fid_ref:
         raise ValueError("--fid-ref applies to a run directory; for an image folder use --ref")
+    if args.model:
+        raise ValueError("--model applies to a run directory (a model file of that run), not to an image folder")
     images = load_folder_images(args.run, args.resolution)
     if args.num:
         images = images[:args.num]
@@ -226,6 +250,21 @@ def _cmd_bench(args) -> int:
     return bench_kernels(args.rest)
 
 
+def _cmd_ema(args) -> int:
+    from fastonestep.engine.posthoc_ema import reconstruct
+
+    if args.out and len(args.std) > 1:
+        raise ValueError("--out names one file: give one --std with it")
+    nimg = None if args.kimg is None else round(args.kimg * 1000)
+    for std in args.std:
+        path, error = reconstruct(args.run, std, nimg=nimg, out=args.out)
+        note = "" if error < args.max_fit_error else (
+            f"  WARNING: the snapshots do not reach this width well (fit error above {args.max_fit_error:g}); "
+            "track a closer train.ema_stds or snapshot more often")
+        print(f"{path}: post-hoc EMA std {std:g}, profile fit error {error:.2e}{note}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastonestep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -266,10 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resolution", type=int, default=0, help="image folder: resize to this (default: first image)")
     e.add_argument("--save-stats", help="write the feature statistics (mu, sigma) of the samples/images to this .npz")
     e.add_argument("--json", help="also write the metrics to this JSON file")
+    e.add_argument("--model", help="run directory: evaluate this model file of the run (e.g. a post-hoc EMA from "
+                                   "`fastonestep ema`) instead of its EMA; metrics to --json or <model>-metrics.json")
     e.add_argument("--num", type=int, default=0, help="number of samples (default: the run's eval.num_samples)")
     e.add_argument("--inception", help="local FID Inception weights file: adds the standard FID")
     e.add_argument("--fid-ref", help="reference statistics .npz (mu, sigma) for FID (default: training images)")
     e.set_defaults(fn=_cmd_eval)
+
+    m = sub.add_parser("ema", help="post-hoc EMA: build the EMA of any width from a run's power-EMA snapshots "
+                                   "(train.ema_stds)")
+    m.add_argument("run", help="run directory trained with train.ema_stds (its posthoc_ema/ snapshots)")
+    m.add_argument("--std", type=float, nargs="+", required=True,
+                   help="relative width(s) of the EMA profile, e.g. 0.05 0.1 (EDM2's sigma_rel)")
+    m.add_argument("--kimg", type=float, help="at this many thousand images (default: the last snapshot)")
+    m.add_argument("--out", help="model file to write (one --std; default RUN/model-ema<std>.safetensors)")
+    m.add_argument("--max-fit-error", type=float, default=0.05,
+                   help="warn above this relative L2 error of the reconstructed profile (default %(default)s)")
+    m.set_defaults(fn=_cmd_ema)
 
     x = sub.add_parser("experiment", help="experiments: score-difference | compare")
     x.add_argument("name")

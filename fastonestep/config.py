@@ -90,6 +90,11 @@ class TrainConfig:
     batch_size: int = 256
     ema_halflife_kimg: float = 50.0  # EMA half-life in thousands of samples (EDM style); 0 disables EMA
     ema_rampup: float = 0.05
+    # Post-hoc EMA (EDM2): relative widths of power-function EMAs to track besides the EMA above (e.g. [0.05, 0.1];
+    # empty: none), each saved every ema_snapshot_kimg thousand images and at the end into RUN_DIR/posthoc_ema/;
+    # `fastonestep ema RUN --std S` then builds the EMA of any width S from them (engine/posthoc_ema.py).
+    ema_stds: list = field(default_factory=list)
+    ema_snapshot_kimg: float = 0.0
     log_every: int = 50
     checkpoint_every: int = 500
     device: str = "auto"  # auto | cpu | cuda
@@ -442,6 +447,22 @@ def _validate_backward(b: BackwardConfig) -> None:
                           "set backward.parameterization=eps, or leave noise_correction at 1.0")
 
 
+def _validate_posthoc_ema(t: TrainConfig) -> None:
+    from fastonestep.engine.posthoc_ema import MAX_STD
+
+    stds = t.ema_stds
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s <= MAX_STD for s in stds):
+        raise ConfigError(f"config key 'train.ema_stds' must be a list of relative widths in (0, {MAX_STD:.4f}] "
+                          f"(EDM2: [0.05, 0.1]); got {stds!r}")
+    if len({f"{s:.4f}" for s in stds}) != len(stds):
+        raise ConfigError(f"config key 'train.ema_stds' holds the same width twice; got {stds!r}")
+    if stds and not t.ema_snapshot_kimg > 0:
+        raise ConfigError(f"config key 'train.ema_snapshot_kimg' must be positive when train.ema_stds is set (how "
+                          f"often the post-hoc EMA snapshots are saved); got {t.ema_snapshot_kimg!r}")
+    if not t.ema_snapshot_kimg >= 0:
+        raise ConfigError(f"config key 'train.ema_snapshot_kimg' must be >= 0; got {t.ema_snapshot_kimg!r}")
+
+
 def validate(cfg: Config) -> Config:
     flat = flatten(to_dict(cfg))
     for key, allowed in CHOICES.items():
@@ -476,6 +497,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config keys 'diffratio.sigma_min' < 'diffratio.sigma_max' required")
     if cfg.edm.logvar_channels < 0:
         raise ConfigError(f"config key 'edm.logvar_channels' must be >= 0 (0 = off); got {cfg.edm.logvar_channels}")
+    _validate_posthoc_ema(cfg.train)
     if not cfg.train.eval_every_kimg >= 0:
         raise ConfigError(f"config key 'train.eval_every_kimg' must be >= 0 (0 = off); got {cfg.train.eval_every_kimg!r}")
     _validate_dmd(cfg)

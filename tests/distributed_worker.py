@@ -8,7 +8,8 @@ exactly the trained state (full parameters, EMA, RNG, optimiser state of this ra
 to <run>/roundtrip-rank<r>.json. A job with "signal_at": k has rank 0 (only) send itself SIGTERM during step
 k; every rank must then stop after that same step with a checkpoint (TrainingStopped, recorded in
 <run>/stopped-rank<r>.json), and the job is run again, resuming, to its end. Every other job records in
-<run>/ema-rank<r>.json whether the EMA is sharded and how many of its elements this rank holds.
+<run>/ema-rank<r>.json whether the EMA is sharded and how many of its elements this rank holds (and the same of
+each post-hoc power EMA).
 """
 import contextlib
 import json
@@ -38,6 +39,9 @@ def snapshot(method) -> dict:
     with method.ema.gathered(everywhere=True):  # collective: ZeRO shards the EMA
         ema = {k: v.clone() for k, v in method.ema.state_dict().items()}
     out = {"ema": ema, "rng": method.rng.get_state()}
+    if method.posthoc:
+        with method.posthoc.gathered(everywhere=True):  # the post-hoc power EMAs, sharded alike
+            out["posthoc_ema"] = [v.clone() for sd in method.posthoc.state_dict().values() for v in sd.values()]
     for name, t in method.backend.trainables.items():
         with t.full_parameters() as params:
             out[f"{name}/params"] = [p.detach().float().clone() for p in params]
@@ -135,7 +139,8 @@ def main():
                 train(cfg, job["run"], **QUIET)
             ema = captured["method"].ema
             with open(os.path.join(job["run"], f"ema-rank{rank}.json"), "w", encoding="utf-8") as f:
-                json.dump({"sharded": ema.sharded, "local_numel": ema.local_numel(), "numel": ema.numel()}, f)
+                json.dump({"sharded": ema.sharded, "local_numel": ema.local_numel(), "numel": ema.numel(),
+                           "posthoc": [[e.sharded, e.local_numel()] for e in captured["method"].posthoc.emas]}, f)
             if job.get("roundtrip"):
                 result = roundtrip(cfg, job["run"], captured["method"])
                 with open(os.path.join(job["run"], f"roundtrip-rank{rank}.json"), "w", encoding="utf-8") as f:

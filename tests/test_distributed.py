@@ -47,10 +47,15 @@ DS = ["distributed.backend=deepspeed"]
 DDP = ["distributed.backend=ddp"]
 
 
+# Post-hoc power EMAs (snapshots every 2 steps): sharded like the EMA, restored on resume, compared with the
+# single-process run's snapshots.
+POSTHOC = ["train.ema_stds=[0.05, 0.1]", "train.ema_snapshot_kimg=0.128"]
+
+
 def base(teacher):
     return TOY_STUDENT + [f"teacher={teacher}", "train.steps=6", "train.batch_size=64", "train.log_every=1",
                           "train.checkpoint_every=2", "eval.num_samples=64", "eval.batch_size=64", "eval.grid=2",
-                          "optim.warmup_steps=2", "diffratio.ratio_steps=2"]
+                          "optim.warmup_steps=2", "diffratio.ratio_steps=2"] + POSTHOC
 
 
 # name -> (overrides, round trip check); "<name>-split" jobs stop at step 3 (checkpoints 2, 3) and are resumed
@@ -126,7 +131,8 @@ CHECKPOINTED_ZERO3 = DS + ["distributed.zero_stage=3", "distributed.deepspeed_co
 # by ~1e-3 within 4 steps at this lr. The EMA follows the denoiser only, not the log-variance head.
 EDM2_STEPS = 4
 EDM2_BASE = MNIST_TINY + ["network.kind=edm2", "edm.logvar_channels=16", "optim.lr=0.01", f"train.steps={EDM2_STEPS}",
-                          "train.log_every=1", f"train.checkpoint_every={EDM2_STEPS}"]
+                          "train.log_every=1", f"train.checkpoint_every={EDM2_STEPS}", "train.ema_stds=[0.05, 0.1]",
+                          "train.ema_snapshot_kimg=0.016"]
 EDM2_JOBS = {"edm2-zero2": DS + ["distributed.zero_stage=2"],
              "edm2-zero3": DS + ["distributed.zero_stage=3", "distributed.deepspeed_config={zero3_json}"]}
 EDM2_KEYS = ("loss", "edm/logvar", "grad_norm/denoiser")
@@ -303,8 +309,8 @@ def test_checkpoint_round_trip(runs, name):
     for rank in (0, 1):
         result = json.loads((runs / name / f"roundtrip-rank{rank}.json").read_text())
         assert result["differs"] == [], result
-        assert {"generator/params", "ratio/params", "generator/optimizer", "ratio/optimizer", "ema"} <= set(
-            result["checked"])
+        assert {"generator/params", "ratio/params", "generator/optimizer", "ratio/optimizer", "ema",
+                "posthoc_ema"} <= set(result["checked"])
 
 
 @pytest.mark.parametrize("name", SPLIT)
@@ -332,6 +338,32 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(runs, name):
     assert trajectory(run) == trajectory(runs / name)
     a, b = load_file(str(runs / name / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name, ref", [("ddp", "single"), ("zero1", "single"), ("zero2", "single"),
+                                       ("zero3", "single"), ("zero2-accum", "single"), ("edm2-zero2", "single-edm2"),
+                                       ("edm2-zero3", "single-edm2")])
+def test_post_hoc_ema_snapshots_follow_the_single_process_run(runs, name, ref):
+    """The power EMAs, sharded over the ranks under ZeRO (the EDM2 jobs: of the denoiser part only), give the
+    single-process run's snapshots; a resumed run (ddp/zero3 "-split", "-stopped") gives them bit-identical."""
+    if "zero" in name and not HAVE_DEEPSPEED:
+        pytest.skip("deepspeed is not installed")
+    from fastonestep.engine.posthoc_ema import list_snapshots
+
+    want = list_snapshots(str(runs / ref))
+    got = list_snapshots(str(runs / name))
+    assert [(s.nimg, s.std) for s in got] == [(s.nimg, s.std) for s in want] and len(want) >= 4
+    for g, w in zip(got, want):
+        a, b = load_file(g.path), load_file(w.path)
+        assert a.keys() == b.keys() and not any("logvar" in k for k in a)
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=RTOL, atol=1e-6)
+    for resumed in (f"{name}-split", f"{name}-stopped"):
+        if (runs / resumed).is_dir():
+            again = {(s.nimg, s.std): s.path for s in list_snapshots(str(runs / resumed))}
+            for g in got:
+                a, b = load_file(g.path), load_file(again[(g.nimg, g.std)])
+                assert all(torch.equal(a[k], b[k]) for k in a), (resumed, g)
 
 
 def test_zero3_export_is_the_gathered_ema(runs):
@@ -378,10 +410,13 @@ def test_zero_shards_the_ema_over_the_ranks(runs, name):
     assert held[1]["numel"] == total > 0
     if name == "ddp":
         assert [h["sharded"] for h in held] == [False, False] and [h["local_numel"] for h in held] == [total, total]
+        assert [h["posthoc"] for h in held] == [[[False, total]] * 2] * 2
         return
     assert [h["sharded"] for h in held] == [True, True]
     assert sum(h["local_numel"] for h in held) == total
     assert all(abs(h["local_numel"] - total / 2) <= 0.02 * total for h in held), held
+    if name in ("zero1", "zero2", "zero3", "zero3-bf16", "edm2-zero3"):  # their post-hoc EMAs: the same slices
+        assert [h["posthoc"] for h in held] == [[[True, h["local_numel"]]] * 2 for h in held]
 
 
 def test_unconverted_method_and_bad_batch_split_are_refused(toy_teacher, monkeypatch, tmp_path):

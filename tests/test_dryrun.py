@@ -66,14 +66,17 @@ def test_memory_formula_stage0_vs_stage3_on_8_gpus(no_data):
     p = result["networks"]["denoiser"]["parameters"]
     assert result["precision"] == "bf16"
     mem = {s: result["memory"][s]["denoiser"] for s in range(4)}
-    # stage 0 (ddp, fp32 states): 4 + 4 + 8, plus the fp32 EMA
-    assert mem[0]["total"] == (4 + 4 + 8 + 4) * p
+    # the preset's EMA and its 2 post-hoc power EMAs (train.ema_stds): fp32, 4 bytes each
+    assert result["networks"]["denoiser"]["posthoc_emas"] == 2
+    e = 3 * 4
+    # stage 0 (ddp, fp32 states): 4 + 4 + 8, plus the fp32 EMAs
+    assert mem[0]["total"] == (4 + 4 + 8 + e) * p
     # deepspeed bf16: weights 2, grads 2, optimizer 12 (fp32 master + m + v), sharded progressively over 8
-    # and the fp32 EMA sharded like the master weights
-    assert mem[1]["total"] == pytest.approx((2 + 2 + (12 + 4) / 8) * p)
-    assert mem[2]["total"] == pytest.approx((2 + (2 + 12 + 4) / 8) * p)
-    assert mem[3]["total"] == pytest.approx((2 + 2 + 12 + 4) / 8 * p)
-    assert mem[0]["ema"] == 4 * p and mem[3]["ema"] == pytest.approx(4 * p / 8)
+    # and the fp32 EMAs sharded like the master weights
+    assert mem[1]["total"] == pytest.approx((2 + 2 + (12 + e) / 8) * p)
+    assert mem[2]["total"] == pytest.approx((2 + (2 + 12 + e) / 8) * p)
+    assert mem[3]["total"] == pytest.approx((2 + 2 + 12 + e) / 8 * p)
+    assert mem[0]["ema"] == e * p and mem[3]["ema"] == pytest.approx(e * p / 8)
     simulating = load_config(str(CONFIGS / "imagenet512" / "dmd2_s.yaml"), no_data[:1] + [
         "method=backward", "backward.trajectory_net=ema"])
     result = dryrun.dry_run(simulating, gpus=8, stages=(3,), activations=False, out=lambda *_: None)

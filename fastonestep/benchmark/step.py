@@ -229,7 +229,7 @@ def state_bytes_per_gpu(role: str, params: int, precision: str, world_size: int,
         return EMA_BYTES * params / (world_size if stage >= 1 else 1)
     if role == "frozen":
         return FROZEN_BYTES * params
-    plan = argparse.Namespace(parameters=params, role="trainable", ema=False, ema_whole=False)
+    plan = argparse.Namespace(parameters=params, role="trainable", ema=False, ema_whole=False, posthoc=0)
     return state_bytes(plan, precision, world_size, stage)["total"]
 
 

@@ -14,6 +14,7 @@ Memory per GPU is a formula, printed with the numbers. Bytes per parameter of a 
   weights:  per GPU = W + G + O (stage 0), W + G + O/N (1), W + (G + O)/N (2), (W + G + O)/N (3).
   EMA: fp32 (4 bytes/param), whole on every GPU at stage 0; under ZeRO (stages 1-3) sharded like the fp32
   master weights it is updated from, 4/N per GPU (whole where backward distillation simulates with it).
+  Each post-hoc power EMA (train.ema_stds) adds another 4 bytes/param, sharded the same way (never whole).
   Frozen networks held during training (a DMD teacher): fp32 weights, replicated.
 Activations (optional, rough): the tensors autograd saves for backward in one training forward of each
 network, traced on the meta device at batch 1 and 2 (the difference is per sample, the rest -- mostly the
@@ -59,6 +60,7 @@ class NetworkPlan:
     role: str  # "trainable" | "frozen" (held during training) | "init-only" (released after initialisation)
     ema: bool = False
     ema_whole: bool = False  # an EMA used in every step (backward.trajectory_net=ema) is not sharded
+    posthoc: int = 0  # post-hoc power EMAs (train.ema_stds), sharded under ZeRO
     note: str = ""
 
     @property
@@ -110,14 +112,14 @@ def plan_networks(cfg: Config) -> tuple[list[NetworkPlan], dict]:
             spec = network_spec(cfg.network)
             net = build_denoiser(spec["kind"], shape, classes, cfg.diffusion.sigma_data, **spec["arch"])
             facts["architecture_from"] = "config network section"
-            return [NetworkPlan("denoiser", net, "trainable", ema=True)], facts
+            return [NetworkPlan("denoiser", net, "trainable", ema=True, posthoc=len(cfg.train.ema_stds))], facts
 
         spec, t_shape, t_classes, sigma_data, source = _teacher_facts(cfg, shape, classes)
         facts["architecture_from"] = source
         teacher = build_denoiser(spec["kind"], t_shape, t_classes, sigma_data, **spec["arch"])
         generator = NetworkPlan("generator", build_denoiser(spec["kind"], t_shape, t_classes, sigma_data,
                                                             **spec["arch"]), "trainable", ema=True,
-                                note="initialised from the teacher")
+                                posthoc=len(cfg.train.ema_stds), note="initialised from the teacher")
         if cfg.method == "diffratio":
             ratio = _diffratio_ratio(cfg, teacher, spec, t_shape, t_classes, sigma_data)
             return [generator, NetworkPlan("ratio", ratio, "trainable", note="replaces teacher + fake score"),
@@ -178,6 +180,7 @@ def state_bytes(plan: NetworkPlan, precision: str, gpus: int, stage: int) -> dic
     e = EMA_BYTES * n if plan.ema else 0
     if stage >= 1 and not plan.ema_whole:
         e /= gpus
+    e += EMA_BYTES * n * plan.posthoc / (gpus if stage >= 1 else 1)
     return {"weights": w, "grads": g, "optimizer": o, "ema": e, "total": w + g + o + e}
 
 
@@ -299,7 +302,7 @@ def dry_run(cfg: Config, gpus: int = 1, stages=(0, 1, 2, 3), activations: bool =
     out(f"# data shape {facts['data_shape']}, {facts['num_classes']} classes; "
         f"architecture from the {facts['architecture_from']}")
     for p in plans:
-        extra = ", EMA" if p.ema else ""
+        extra = (", EMA" if p.ema else "") + (f" + {p.posthoc} post-hoc EMAs" if p.posthoc else "")
         out(f"  {p.name:<12}{p.parameters:>15,} parameters  {p.role}{extra}" + (f"  ({p.note})" if p.note else ""))
     out("")
 
@@ -310,7 +313,8 @@ def dry_run(cfg: Config, gpus: int = 1, stages=(0, 1, 2, 3), activations: bool =
     auto = " (auto, planned as bf16 on GPUs)" if cfg.distributed.precision == "auto" else ""
     out(f"# memory per GPU: {gpus} GPU(s), distributed.precision={precision}{auto}")
     out("#   bytes/param of a trained network: stage 0 (single/ddp, autocast) W=4 G=4 O=8; "
-        f"stages 1-3 (deepspeed, {precision}) W={wb} G={gb} O={ob}; EMA 4 (sharded under ZeRO); frozen 4")
+        f"stages 1-3 (deepspeed, {precision}) W={wb} G={gb} O={ob}; EMA 4 (each, post-hoc EMAs too; sharded under "
+        "ZeRO); frozen 4")
     out("#   per GPU: stage 0 W+G+O+EMA | stage 1 W+G+(O+EMA)/N | stage 2 W+(G+O+EMA)/N | stage 3 (W+G+O+EMA)/N")
     header = "  " + f"{'network':<12}" + "".join(f"{f'ZeRO {s}':>12}" for s in stages)
     out(header)
@@ -319,7 +323,8 @@ def dry_run(cfg: Config, gpus: int = 1, stages=(0, 1, 2, 3), activations: bool =
     totals = {s: sum(v["total"] for v in memory[s].values()) for s in stages}
     out("  " + f"{'states':<12}" + "".join(f"{_fmt(totals[s]):>12}" for s in stages))
 
-    result = {"networks": {p.name: {"parameters": p.parameters, "role": p.role, "ema": p.ema} for p in plans},
+    result = {"networks": {p.name: {"parameters": p.parameters, "role": p.role, "ema": p.ema,
+                               "posthoc_emas": p.posthoc} for p in plans},
               "facts": facts, "precision": precision, "gpus": gpus, "memory": memory, "state_totals": totals,
               "micro_batch": micro}
     if activations:

@@ -31,7 +31,7 @@ from fastonestep.methods.distill import student_spec
 # Keys that may change between a run and its resume: how long and how verbosely, not what is trained.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.device", "train.threads",
                      "train.eval_every_kimg", "train.batch_per_gpu", "train.tensorboard",
-                     "train.activation_checkpointing")
+                     "train.activation_checkpointing", "train.ema_snapshot_kimg")
 
 
 def pick_device(name: str) -> torch.device:
@@ -165,7 +165,8 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
 
         def save_checkpoint(done: int) -> None:
             pending = stats.pending_state()  # collective: every rank, before the engines' shards
-            with method.ema.gathered():  # collective: the checkpoint holds the whole EMA (written by rank 0)
+            # collective: the checkpoint holds the whole EMAs (written by rank 0)
+            with method.ema.gathered(), method.posthoc.gathered():
                 backend.save_checkpoint(run_dir, done, lambda: {
                     "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
                     **default_rng_state(method.device), "stats": pending})
@@ -195,6 +196,9 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
                             board.eval(row, samples, cfg.eval.grid)
                 backend.barrier()
                 stats.exclude(time.perf_counter() - t_eval)  # evaluation (and its logging) is not training
+            if method.posthoc and (eval_due(done, batch, cfg.train.ema_snapshot_kimg) or done == cfg.train.steps):
+                save_posthoc_snapshots(method, backend, run_dir, done * batch, lambda: model_info(cfg, method, dataset))
+                stats.exclude(0.0)  # like a checkpoint: its memory peak (the assembled EMAs) is not training's
             saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
             if saved:
                 save_checkpoint(done)
@@ -226,6 +230,13 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
             metrics["steps"] = cfg.train.steps
             atomic_write_json(metrics_path, metrics)
     return backend.broadcast_object(metrics)
+
+
+def save_posthoc_snapshots(method, backend, run_dir: str, nimg: int, info) -> None:
+    """Collective: every rank enters; rank 0 writes each post-hoc power EMA at `nimg` images (`info()`: the model
+    metadata). Before the step's checkpoint, so a run resumed from it writes the same snapshot again."""
+    method.posthoc.write_snapshots(run_dir, nimg, info, is_main=backend.is_main)
+    backend.barrier()
 
 
 def _progress_bar(start: int, total: int, enabled: bool):

@@ -46,7 +46,6 @@ from fastonestep import losses
 from fastonestep.diffusion.backward_sampler import backward_sample, backward_states
 from fastonestep.diffusion.precond import edm_loss_weight
 from fastonestep.diffusion.samplers import karras_sigmas, ode_solve
-from fastonestep.engine.ema import EMA
 from fastonestep.engine.evaluate import EVAL_SEED
 from fastonestep.methods.distill import DistillMethod, accumulate, rows
 from fastonestep.networks.build import count_parameters
@@ -100,13 +99,13 @@ class BackwardDistillation(DistillMethod):
         self.level_table = torch.tensor(self.levels, dtype=torch.float32, device=device)
         self.shifted_table = torch.tensor(self.shifted_levels, dtype=torch.float32, device=device)
         self.generator = self.student_from(self.teacher)
-        self.ema = EMA(self.generator, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup)
+        self.ema = self.make_emas(self.generator)
         self.parameter_counts = {"generator": count_parameters(self.generator),
                                  "teacher_frozen": count_parameters(self.teacher)}
         # The engine last (ZeRO-3 shards parameters here); self.generator stays the plain student.
         self.gen = self.backend.trainable("generator", _RawStudent(self.generator), cfg.optim)
-        if cfg.backward.trajectory_net == "student":  # an EMA that simulates trajectories must stay whole
-            self.ema.shard_like(self.gen)  # ZeRO: each rank averages its slice of the generator only
+        # ZeRO: each rank averages its slice of the generator only; an EMA that simulates trajectories stays whole
+        self.shard_emas(self.gen, main=cfg.backward.trajectory_net == "student")
 
     # -- training -----------------------------------------------------------------------------------------
     def draw(self, n: int):

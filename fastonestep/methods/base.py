@@ -11,6 +11,8 @@ from fastonestep.config import Config
 from fastonestep.diffusion.schedules import sample_lognormal_sigma
 # Every method trains through backend Trainables (engine/distributed.py owns the optimiser recipe).
 from fastonestep.engine.distributed import Backend
+from fastonestep.engine.ema import EMA
+from fastonestep.engine.posthoc_ema import PowerEMAs
 
 
 def sample_sigma(n: int, p_mean: float, p_std: float, lo: float, hi: float, rng: torch.Generator, device):
@@ -40,15 +42,37 @@ class Method:
         # train.kernels: "fused" lets fastonestep.losses pick the fastest implementation for the device;
         # "eager" pins the PyTorch reference (the ground truth the fused kernels are tested against).
         self.impl = "auto" if cfg.train.kernels == "fused" else "torch"
+        self.posthoc = PowerEMAs()  # the post-hoc power EMAs (train.ema_stds), made by make_emas
+
+    # -- EMAs -----------------------------------------------------------------------------------------------
+    def make_emas(self, net: nn.Module) -> EMA:
+        """The run's EMA of `net` (train.ema_halflife_kimg), returned, and its post-hoc power EMAs
+        (train.ema_stds) in self.posthoc. Before the Trainable of `net` is made: ZeRO-3 shards `net` there."""
+        t = self.cfg.train
+        self.posthoc = PowerEMAs(net, t.ema_stds)
+        return EMA(net, t.ema_halflife_kimg, t.ema_rampup)
+
+    def shard_emas(self, trainable, part: str = "", main: bool = True) -> None:
+        """Under ZeRO, each rank keeps only its slice of the EMAs (`main` False: self.ema stays whole, as an EMA
+        that is run every step must)."""
+        if main:
+            self.ema.shard_like(trainable, part)
+        self.posthoc.shard_like(trainable, part)
+
+    def update_emas(self, trainable, nimg: int, batch_size: int, part: str = "") -> None:
+        """Every EMA after an optimiser step of `trainable`; `nimg`: images seen after it."""
+        self.ema.update_from(trainable, nimg, batch_size, part=part)
+        self.posthoc.update_from(trainable, nimg, batch_size, part=part)
 
     # -- engine interface ---------------------------------------------------------------------------------
     def step(self, next_batch: Callable, step: int, nimg: int) -> dict:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        """Every trained network's Trainable state (weights, optimiser) under its name, the EMA and the RNG."""
+        """Every trained network's Trainable state (weights, optimiser) under its name, the EMAs and the RNG."""
+        posthoc = {"posthoc_ema": self.posthoc.state_dict()} if self.posthoc else {}
         return {**{name: t.state_dict() for name, t in self.backend.trainables.items()},
-                "ema": self.ema.state_dict(), **self.rng_state()}
+                "ema": self.ema.state_dict(), **posthoc, **self.rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         missing = [k for k in [*self.backend.trainables, "ema"] if k not in state]
@@ -58,6 +82,8 @@ class Method:
         for name, t in self.backend.trainables.items():
             t.load_state_dict(state[name])
         self.ema.load_state_dict(state["ema"])
+        if self.posthoc:
+            self.posthoc.load_state_dict(state.get("posthoc_ema", {}))
         self.load_rng_state(state)
 
     def export_network(self) -> nn.Module:

@@ -15,7 +15,6 @@ import torch
 
 from fastonestep import losses
 from fastonestep.diffusion.samplers import student_sample
-from fastonestep.engine.ema import EMA
 from fastonestep.engine.export import load_model
 from fastonestep.engine.memory import training_state_bytes
 from fastonestep.methods.base import sample_sigma
@@ -34,7 +33,7 @@ class DiffRatio(DistillMethod):
         teacher = self.load_teacher()  # only initialises G (and the ratio encoder): not kept
         self.generator = self.student_from(teacher)
         self.ratio = self._build_ratio(teacher).to(device)
-        self.ema = EMA(self.generator, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup)
+        self.ema = self.make_emas(self.generator)
         # Memory next to the networks the ratio net replaces (generator excluded, exact from parameter counts
         # and dtypes): the ratio net trains with Adam; DMD/VSD would hold a frozen teacher plus a fake score
         # network (a teacher copy) that trains with Adam.
@@ -50,7 +49,7 @@ class DiffRatio(DistillMethod):
         # shards them here); self.generator / self.ratio stay the plain networks (frozen use, sampling).
         self.gen = self.backend.trainable("generator", self.generator, cfg.optim)
         self.ratio_t = self.backend.trainable("ratio", self.ratio, dr.ratio_optim)
-        self.ema.shard_like(self.gen)  # ZeRO: each rank averages its slice of the generator only
+        self.shard_emas(self.gen)  # ZeRO: each rank averages its slice of the generator only
 
     # -- construction -------------------------------------------------------------------------------------
     def _build_ratio(self, teacher):

@@ -64,7 +64,7 @@ class DistillMethod(Method):
         """After the generator's gradients are accumulated: its optimiser step (grad norm into stats) and the
         EMA update for the global batch. Expects self.gen (its Trainable) and self.ema."""
         stats["grad_norm/generator"] = self.gen.step(step)
-        self.ema.update_from(self.gen, nimg + self.global_batch, self.global_batch)
+        self.update_emas(self.gen, nimg + self.global_batch, self.global_batch)
         return stats
 
     # -- global-batch draws of the data shape -----------------------------------------------------------------

@@ -43,7 +43,6 @@ from torch import nn
 from fastonestep import losses
 from fastonestep.config import dmd_band
 from fastonestep.diffusion.samplers import karras_sigmas, student_sample
-from fastonestep.engine.ema import EMA
 from fastonestep.methods.base import sample_sigma
 from fastonestep.methods.distill import COUNTS, DistillMethod, accumulate, repeated_updates, rows
 from fastonestep.networks.build import count_parameters
@@ -83,7 +82,7 @@ class DMD(DistillMethod):
         self.use_gan = dmd.gan_weight > 0
         if self.use_gan:
             self.critic["gan_head"] = GANHead(self.critic["score"].net.feature_dim).to(device)
-        self.ema = EMA(self.generator, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup)
+        self.ema = self.make_emas(self.generator)
         ascending = karras_sigmas(dmd.num_grid_steps, d.sigma_min, d.sigma_max, d.rho, device=device,
                                   dtype=torch.float32)[:-1].flip(0)
         band = dmd_band(dmd.num_grid_steps, dmd.t_min_frac, dmd.t_max_frac)
@@ -97,7 +96,7 @@ class DMD(DistillMethod):
         # them here); self.generator / self.critic stay the plain networks (no-grad and frozen use).
         self.gen = self.backend.trainable("generator", self.generator, cfg.optim)
         self.critic_t = self.backend.trainable("critic", self.critic, dmd.fake_optim)
-        self.ema.shard_like(self.gen)  # ZeRO: each rank averages its slice of the generator only
+        self.shard_emas(self.gen)  # ZeRO: each rank averages its slice of the generator only
 
     def student_levels(self) -> list[float]:
         return [float(s) for s in self.cfg.dmd.student_sigmas]

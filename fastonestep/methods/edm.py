@@ -11,7 +11,6 @@ from torch import nn
 from fastonestep import losses
 from fastonestep.diffusion.samplers import edm_sample
 from fastonestep.diffusion.schedules import sample_lognormal_sigma
-from fastonestep.engine.ema import EMA
 from fastonestep.methods.base import Method
 from fastonestep.networks.build import build_denoiser, count_parameters
 from fastonestep.engine.export import network_spec
@@ -45,9 +44,9 @@ class EDMPretrain(Method):
         logvar = LogVarHead(cfg.edm.logvar_channels).to(device) if cfg.edm.logvar_channels else None
         if logvar is not None:
             self.parameter_counts["logvar"] = count_parameters(logvar)
-        self.ema = EMA(self.net, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup)  # the denoiser only
+        self.ema = self.make_emas(self.net)  # the denoiser only
         self.denoiser = self.backend.trainable("denoiser", _RawDenoiser(self.net, logvar), cfg.optim)
-        self.ema.shard_like(self.denoiser, part="precond")  # ZeRO: each rank averages its slice only
+        self.shard_emas(self.denoiser, part="precond")  # ZeRO: each rank averages its slice only
 
     def step(self, next_batch, step, nimg):
         d = self.cfg.diffusion
@@ -71,7 +70,7 @@ class EDMPretrain(Method):
                 total_logvar = total_logvar + self.weighted(logvar.mean(), weight).detach()
             self.denoiser.backward(loss)
         grad_norm = self.denoiser.step(step)
-        self.ema.update_from(self.denoiser, nimg + self.global_batch, self.global_batch, part="precond")
+        self.update_emas(self.denoiser, nimg + self.global_batch, self.global_batch, part="precond")
         stats = {"loss": total, "grad_norm/denoiser": grad_norm}
         if self.cfg.edm.logvar_channels:
             stats["edm/logvar"] = total_logvar
