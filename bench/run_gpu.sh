@@ -14,8 +14,10 @@
 #   2. self-check (CHECK_SECONDS=40): kernels/self_check.py for triton and ext on cuda, as training runs it.
 #   3. bench-kernels (KERNEL_SECONDS=150): `fastonestep bench kernels --quick` (eager, torch.compile, Triton,
 #      CUDA op at B32-4x64x64 and the large size; rows are written per case, so a cut run keeps its rows).
-#   4. bench-step (STEP_SECONDS=130): bench/run_step_gpu.sh, DiffRatio vs DMD2 at EDM2-S and -M, the single
-#      backend first, then the ZeRO stages while time is left.
+#   4. bench-step (STEP_SECONDS=130): bench/run_step_gpu.sh, DiffRatio vs DMD2 at EDM2-S (STEP_SIZES=s), the single
+#      backend first, then DeepSpeed bf16 ZeRO-2 (then 1, 3) while time is left: about four cases fit, so S on
+#      single and ZeRO-2 rather than S and M on single. The whole sweep (S and M, every stage, about 10 minutes)
+#      is `bash bench/run_step_gpu.sh` in a device call of its own.
 # Writes summary.txt, kernels.csv, step.csv and results.tar.gz (each phase's log, kernels.png, step.md/.png) to
 # $OUT (the device runner's folder: few files come back), else the same files unpacked to bench/results/. Copy the CSVs to
 # bench/results/ and put the tables in the README.
@@ -64,7 +66,7 @@ sys.exit(0 if all(ok for ok, _ in results.values()) else 1)'
 phase bench-kernels "${KERNEL_SECONDS:-150}" "$PY" -m fastonestep bench kernels --quick --out "$DEST/kernels.csv" \
   --plot "$DEST/kernels.png"
 phase bench-step "${STEP_SECONDS:-130}" env OUT="$DEST" MAX_SECONDS=$(( ${STEP_SECONDS:-130} - 20 )) \
-  CASE_TIMEOUT=100 CKPT=off bash bench/run_step_gpu.sh
+  CASE_TIMEOUT=100 CKPT=off SIZES="${STEP_SIZES:-s}" bash bench/run_step_gpu.sh
 # The device tool brings back only a few files: the CSVs and the summary as they are, the rest in one archive.
 if [ -n "${OUT:-}" ]; then
   (cd "$DEST" && tar -czf results.tar.gz --remove-files --ignore-failed-read \
