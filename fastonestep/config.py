@@ -454,7 +454,9 @@ def _validate_posthoc_ema(t: TrainConfig) -> None:
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s <= MAX_STD for s in stds):
         raise ConfigError(f"config key 'train.ema_stds' must be a list of relative widths in (0, {MAX_STD:.4f}] "
                           f"(EDM2: [0.05, 0.1]); got {stds!r}")
-    if len({f"{s:.4f}" for s in stds}) != len(stds):
+    if not all(abs(round(s, 4) - s) < 1e-12 for s in stds):  # checkpoints and file names hold 4 decimals
+        raise ConfigError(f"config key 'train.ema_stds' gives widths to 4 decimals at most; got {stds!r}")
+    if len(set(stds)) != len(stds):
         raise ConfigError(f"config key 'train.ema_stds' holds the same width twice; got {stds!r}")
     if stds and not t.ema_snapshot_kimg > 0:
         raise ConfigError(f"config key 'train.ema_snapshot_kimg' must be positive when train.ema_stds is set (how "

@@ -154,7 +154,7 @@ def distill_base(teacher, method):
     return str(CONFIGS / "toy2d" / preset), TOY_STUDENT + [
         f"teacher={teacher}", f"train.steps={DISTILL_STEPS}", "train.batch_size=64", "train.log_every=1",
         f"train.checkpoint_every={DISTILL_STEPS}", "eval.num_samples=64", "eval.batch_size=64", "eval.grid=2",
-        "optim.warmup_steps=2"] + extra
+        "optim.warmup_steps=2"] + POSTHOC + extra
 
 
 def rows(run):
@@ -342,10 +342,12 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(runs, name):
 
 @pytest.mark.parametrize("name, ref", [("ddp", "single"), ("zero1", "single"), ("zero2", "single"),
                                        ("zero3", "single"), ("zero2-accum", "single"), ("edm2-zero2", "single-edm2"),
-                                       ("edm2-zero3", "single-edm2")])
+                                       ("edm2-zero3", "single-edm2")]
+                         + [(name, f"single-{method}") for name, (method, _, _) in DISTILL_JOBS.items()])
 def test_post_hoc_ema_snapshots_follow_the_single_process_run(runs, name, ref):
     """The power EMAs, sharded over the ranks under ZeRO (the EDM2 jobs: of the denoiser part only), give the
-    single-process run's snapshots; a resumed run (ddp/zero3 "-split", "-stopped") gives them bit-identical."""
+    single-process run's snapshots, for every method; a resumed run (ddp/zero3 "-split", "-stopped") gives them
+    bit-identical."""
     if "zero" in name and not HAVE_DEEPSPEED:
         pytest.skip("deepspeed is not installed")
     from fastonestep.engine.posthoc_ema import list_snapshots
@@ -415,8 +417,7 @@ def test_zero_shards_the_ema_over_the_ranks(runs, name):
     assert [h["sharded"] for h in held] == [True, True]
     assert sum(h["local_numel"] for h in held) == total
     assert all(abs(h["local_numel"] - total / 2) <= 0.02 * total for h in held), held
-    if name in ("zero1", "zero2", "zero3", "zero3-bf16", "edm2-zero3"):  # their post-hoc EMAs: the same slices
-        assert [h["posthoc"] for h in held] == [[[True, h["local_numel"]]] * 2 for h in held]
+    assert [h["posthoc"] for h in held] == [[[True, h["local_numel"]]] * 2 for h in held]  # post-hoc: alike
 
 
 def test_unconverted_method_and_bad_batch_split_are_refused(toy_teacher, monkeypatch, tmp_path):

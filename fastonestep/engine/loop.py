@@ -234,7 +234,8 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
 
 def save_posthoc_snapshots(method, backend, run_dir: str, nimg: int, info) -> None:
     """Collective: every rank enters; rank 0 writes each post-hoc power EMA at `nimg` images (`info()`: the model
-    metadata). Before the step's checkpoint, so a run resumed from it writes the same snapshot again."""
+    metadata). Before the step's checkpoint: a run that crashes between the two resumes from the checkpoint
+    before and writes this snapshot again (over the file)."""
     method.posthoc.write_snapshots(run_dir, nimg, info, is_main=backend.is_main)
     backend.barrier()
 

@@ -12,7 +12,8 @@ beta = (1 - b / T)^(gamma + 1). With this beta the k-th batch gets exactly p's m
 ((k b)^(gamma+1) - ((k-1) b)^(gamma+1)) / T^(gamma+1) (a product of betas telescopes), whatever the batch size.
 
 Reconstruction: with the snapshots' profiles p_i (gamma_i, T_i) and the target profile p*, the coefficients c
-minimise || sum_i c_i p_i - p* || in L2(0, inf); the weights are sum_i c_i theta_i. The inner products are in
+minimise || sum_i c_i p_i - p* || in L2(0, inf) subject to sum_i c_i = 1 (every profile has mass 1, so a weight
+that does not change is reproduced exactly); the weights are sum_i c_i theta_i. The inner products are in
 closed form, with m = min(T_a, T_b):
 
     <p_a, p_b> = (g_a + 1)(g_b + 1) m^(g_a + g_b + 1) / ((g_a + g_b + 1) T_a^(g_a + 1) T_b^(g_b + 1)).
@@ -65,8 +66,13 @@ class PowerEMA(EMA):
         return max(1.0 - batch_size / nimg, 0.0) ** (self.gamma + 1)
 
 
+def _key(std: float) -> str:
+    """A width as text: in checkpoints and file names (train.ema_stds are given to 4 decimals at most)."""
+    return f"{std:.4f}"
+
+
 def snapshot_name(std: float, nimg: int) -> str:
-    return f"ema-{std:.4f}-{nimg:012d}.safetensors"
+    return f"ema-{_key(std)}-{nimg:012d}.safetensors"
 
 
 class PowerEMAs:
@@ -74,6 +80,7 @@ class PowerEMAs:
 
     def __init__(self, net: nn.Module | None = None, stds=()):
         self.emas = [PowerEMA(net, std) for std in stds]
+        self._held: dict | None = None  # inside gathered(): the whole states, CPU copies
 
     def __bool__(self) -> bool:
         return bool(self.emas)
@@ -88,24 +95,33 @@ class PowerEMAs:
 
     @contextlib.contextmanager
     def gathered(self, everywhere: bool = False):
-        """Collective, every rank enters: inside, every power EMA is whole on rank 0 (`everywhere`: on every
-        rank); see EMA.gathered."""
-        with contextlib.ExitStack() as stack:
-            for ema in self.emas:
-                stack.enter_context(ema.gathered(everywhere))
+        """Collective, every rank enters: inside, `state_dict()` holds every power EMA whole on rank 0
+        (`everywhere`: on every rank). They are assembled one at a time (EMA.gathered) and kept as CPU copies, so
+        the device holds one whole copy at most, next to the EMA that a checkpoint assembles too."""
+        held = {}
+        for ema in self.emas:
+            with ema.gathered(everywhere) as net:
+                if net is not None:
+                    held[_key(ema.std)] = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+        self._held = held
+        try:
             yield
+        finally:
+            self._held = None
 
     def state_dict(self) -> dict:
-        """{std as text: whole EMA state} (sharded: on rank 0 inside `gathered()`)."""
-        return {f"{ema.std:.4f}": ema.state_dict() for ema in self.emas}
+        """{std as text: whole EMA state}; sharded, only on rank 0 inside `gathered()`."""
+        if self._held is not None:
+            return self._held
+        return {_key(ema.std): ema.state_dict() for ema in self.emas}
 
     def load_state_dict(self, state: dict) -> None:
-        missing = [f"{ema.std:.4f}" for ema in self.emas if f"{ema.std:.4f}" not in state]
+        missing = [_key(ema.std) for ema in self.emas if _key(ema.std) not in state]
         if missing:
             raise ValueError(f"the checkpoint has no post-hoc EMA of std {', '.join(missing)} (it holds "
                              f"{', '.join(state) or 'none'}): config key 'train.ema_stds' differs from its run's")
         for ema in self.emas:
-            ema.load_state_dict(state[f"{ema.std:.4f}"])
+            ema.load_state_dict(state[_key(ema.std)])
 
     def write_snapshots(self, run_dir: str, nimg: int, info, is_main: bool = True) -> list[str]:
         """Collective, every rank calls it: each power EMA as a self-contained model file (sampleable as it is)
@@ -143,7 +159,11 @@ def solve_coefficients(in_nimg, in_std, out_nimg: float, out_std: float) -> tupl
     t_in = np.asarray(in_nimg, np.float64) / scale
     gram = profile_products(t_in, in_gamma, t_in, in_gamma)
     target = profile_products(t_in, in_gamma, [out_nimg / scale], [out_gamma])[:, 0]
-    coefficients = np.linalg.lstsq(gram, target, rcond=None)[0]
+    # Least squares with sum(c) = 1 (a weight held constant stays exactly that; unconstrained, sparse snapshots
+    # scale every weight by sum(c), 1.003 in the tests' 9-step run): the KKT system of the constrained problem.
+    n = len(t_in)
+    kkt = np.block([[gram, np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
+    coefficients = np.linalg.lstsq(kkt, np.append(target, 1.0), rcond=None)[0][:n]
     norm2 = float(profile_products([out_nimg / scale], [out_gamma], [out_nimg / scale], [out_gamma])[0, 0])
     residual2 = float(coefficients @ gram @ coefficients - 2 * coefficients @ target + norm2)
     return coefficients, math.sqrt(max(residual2, 0.0) / norm2)
@@ -170,9 +190,10 @@ def list_snapshots(run_dir: str) -> list[Snapshot]:
 
 
 def reconstruct(run_dir: str, std: float, nimg: int | None = None, out: str | None = None) -> tuple[str, float]:
-    """Writes the post-hoc EMA of relative width `std` at `nimg` images (default: the last snapshot's) from the
-    snapshots taken up to then, as a model file like the run's model.safetensors (default path
-    RUN_DIR/model-ema{std}.safetensors). Returns (path, relative L2 error of the profile fit)."""
+    """Writes the post-hoc EMA of relative width `std` at `nimg` images (a snapshot time; default the last) from
+    the snapshots taken up to then, as a model file like the run's model.safetensors (default path
+    RUN_DIR/model-ema{std}.safetensors). Parameters are combined; buffers are not averaged by an EMA (it copies
+    them), so they are the latest snapshot's. Returns (path, relative L2 error of the profile fit)."""
     from safetensors import safe_open
 
     from fastonestep.engine.checkpoint import atomic_write_json
@@ -180,12 +201,19 @@ def reconstruct(run_dir: str, std: float, nimg: int | None = None, out: str | No
 
     std_to_gamma(std)  # the range check, before any file is read
     snapshots = list_snapshots(run_dir)
-    nimg = snapshots[-1].nimg if nimg is None else int(nimg)
+    times = sorted({s.nimg for s in snapshots})
+    nimg = times[-1] if nimg is None else int(nimg)
+    if nimg not in times:  # the weights after the last snapshot before nimg are not known
+        before = max((t for t in times if t < nimg), default=None)
+        after = min((t for t in times if t > nimg), default=None)
+        near = " or ".join(f"{t / 1000:g}" for t in (before, after) if t is not None)
+        raise ValueError(f"'{run_dir}' has no snapshot at {nimg / 1000:g} kimg: a post-hoc EMA is built at a "
+                         f"snapshot time ({near} kimg is nearest; {len(times)} snapshot times from "
+                         f"{times[0] / 1000:g} to {times[-1] / 1000:g} kimg)")
     used = [s for s in snapshots if s.nimg <= nimg]
-    if not used:
-        raise ValueError(f"no snapshot of '{run_dir}' was taken by {nimg} images (the first is at "
-                         f"{snapshots[0].nimg})")
     coefficients, error = solve_coefficients([s.nimg for s in used], [s.std for s in used], nimg, std)
+    info = read_info(used[-1].path)
+    averaged = parameter_names(info)
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for snapshot, c in zip(used, coefficients):  # one snapshot in memory at a time, sums in float64
@@ -193,17 +221,27 @@ def reconstruct(run_dir: str, std: float, nimg: int | None = None, out: str | No
             for key in f.keys():
                 tensor = f.get_tensor(key)
                 dtypes.setdefault(key, tensor.dtype)
-                if not tensor.is_floating_point():  # a counter buffer: the latest snapshot's
+                if key in averaged:
+                    total[key] = total.get(key, 0) + float(c) * tensor.double()
+                else:  # a buffer (fixed Fourier frequencies, a counter): not averaged, the latest snapshot's
                     total[key] = tensor
-                    continue
-                total[key] = total.get(key, 0) + float(c) * tensor.double()
-    info = read_info(used[-1].path)
     info["posthoc_ema"] = {"std": std, "nimg": nimg, "snapshots": len(used), "fit_error": error}
-    path = out or os.path.join(run_dir, f"model-ema{std:.4f}.safetensors")
+    path = out or os.path.join(run_dir, f"model-ema{_key(std)}.safetensors")
     export_model(path, _TensorDict({k: v.to(dtypes[k]) for k, v in total.items()}), info)
     atomic_write_json(os.path.splitext(path)[0] + ".json", {**info["posthoc_ema"], "coefficients": coefficients.tolist(),
                                                            "from": [os.path.basename(s.path) for s in used]})
     return path, error
+
+
+def parameter_names(info: dict) -> set[str]:
+    """The parameters (not buffers) of the network a model file's metadata describes, built on the meta device."""
+    from fastonestep.networks.build import build_denoiser, build_ratio
+
+    spec = info["network"]
+    build = build_ratio if info.get("role") == "ratio" else build_denoiser
+    with torch.device("meta"):
+        net = build(spec["kind"], tuple(info["data_shape"]), info["num_classes"], info["sigma_data"], **spec["arch"])
+    return {name for name, _ in net.named_parameters()}
 
 
 class _TensorDict(nn.Module):
