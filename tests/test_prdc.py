@@ -147,3 +147,19 @@ def test_raw_features_flatten_and_auto_finds_none_for_large_images():
     feats = raw(torch.ones(5, 3, 4, 4))
     assert feats.shape == (5, 48) and feats.dtype == np.float64
     assert make_features("auto", (3, 64, 64)) is None
+
+
+def test_large_sets_are_subsampled_at_random_not_by_their_first_rows(monkeypatch):
+    """An image folder's rows come sorted by class subfolder: PRDC on its first rows would compare against a few
+    classes only. Ten clusters, the reference sorted by cluster, the generated set from the same mixture."""
+    from fastonestep.eval import features
+
+    monkeypatch.setattr(features, "PRDC_MAX_POINTS", 300)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=20.0, size=(10, 8))
+    ref = np.concatenate([c + rng.normal(size=(100, 8)) for c in centres])  # sorted by cluster
+    gen = centres[rng.integers(0, 10, 1000)] + rng.normal(size=(1000, 8))
+    out = features.compare_features(gen, "fd", ref_feats=ref)
+    assert out["precision"] > 0.85 and out["coverage"] > 0.85, out  # first 300 rows: 3 clusters, precision ~0.3
+    again = features.compare_features(gen, "fd", ref_feats=ref)
+    assert again == out  # a fixed subset: the same numbers every time

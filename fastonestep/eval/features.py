@@ -22,7 +22,9 @@ from .prdc import diversity, prdc
 
 FEATURE_KINDS = ("auto", "mnist", "inception", "raw")
 FD_KEYS = {"mnist": "mnist_fd", "inception": "fid", "raw": "raw_fd"}
-PRDC_MAX_POINTS = 10_000  # PRDC and diversity cost O(N^2): larger sets use their first 10k points
+# PRDC and diversity cost O(N^2): larger sets use a fixed random 10k of their points (not the first 10k: an image
+# folder's files come sorted by class subfolder, so its first rows are a few classes only).
+PRDC_MAX_POINTS = 10_000
 MNIST_SHAPE = (1, 32, 32)
 
 
@@ -98,6 +100,13 @@ def reference_subset(n_total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:min(n, n_total)]
 
 
+def _prdc_points(x: np.ndarray, seed: int) -> np.ndarray:
+    """All rows of x, or a fixed random PRDC_MAX_POINTS of them."""
+    if len(x) <= PRDC_MAX_POINTS:
+        return x
+    return x[np.sort(reference_subset(len(x), PRDC_MAX_POINTS, seed).numpy())]
+
+
 def _checked_stats(stats, dim: int, source: str):
     mu, sigma = stats
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
@@ -126,10 +135,10 @@ def compare_features(gen_feats: np.ndarray, fd_key: str, ref_feats: np.ndarray |
                          else _checked_stats(ref_stats, gen.shape[1], "given"))
     out[fd_key] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
     prdc_ref = ref_feats if prdc_ref is None else prdc_ref
-    gen = gen[:PRDC_MAX_POINTS]
+    gen = _prdc_points(gen, seed=1)
     out["diversity"] = diversity(gen)
     if prdc_ref is not None:
-        prdc_ref = np.asarray(prdc_ref, dtype=np.float64)[:PRDC_MAX_POINTS]
+        prdc_ref = _prdc_points(np.asarray(prdc_ref, dtype=np.float64), seed=0)
         kk = min(k, len(gen) - 1, len(prdc_ref) - 1)  # tiny sets: the largest k that is defined
         out.update(prdc(prdc_ref, gen, kk))
         out["ref_diversity"] = diversity(prdc_ref)
