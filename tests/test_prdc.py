@@ -163,3 +163,39 @@ def test_large_sets_are_subsampled_at_random_not_by_their_first_rows(monkeypatch
     assert out["precision"] > 0.85 and out["coverage"] > 0.85, out  # first 300 rows: 3 clusters, precision ~0.3
     again = features.compare_features(gen, "fd", ref_feats=ref)
     assert again == out  # a fixed subset: the same numbers every time
+
+
+def test_an_fid_beside_another_feature_space_uses_the_cached_gpu_path(monkeypatch, tmp_path):
+    """eval.inception with eval.features=mnist: the FID comes from the Inception extractor make_features builds
+    (its model cached, on the GPU when there is one), against reference features computed once per dataset, with
+    non-finite samples dropped like every other metric's."""
+    import importlib
+    from types import SimpleNamespace
+
+    from fastonestep.eval import features
+
+    seen = []
+
+    def fake_inception(x):  # a stand-in feature map: 3 numbers per image
+        seen.append(len(x))
+        flat = x.flatten(1).double()
+        return torch.stack([flat.mean(1), flat.std(1), flat[:, 0]], 1).numpy()
+
+    real_make = features.make_features
+    monkeypatch.setattr(features, "make_features", lambda kind, shape, inception="", device=None: (
+        features.FeatureExtractor("inception", fake_inception, 3, key=("inception", "w.pth"))
+        if kind == "inception" else real_make(kind, shape, inception, device)))
+    dataset = make_dataset("mnist", size=64)
+    samples = torch.rand(40, 1, 32, 32) * 2 - 1
+    samples[3] = float("nan")
+    cfg = SimpleNamespace(features="raw", inception="w.pth", fid_ref="", prdc_k=3)
+    mnist_module = importlib.import_module("fastonestep.eval.mnist_features")  # its classifier: not under test
+    monkeypatch.setattr(mnist_module, "get_mnist_classifier", lambda: None)
+    monkeypatch.setattr(mnist_module, "mnist_fd", lambda *a, **k: 0.0)
+    monkeypatch.setattr(mnist_module, "class_coverage", lambda *a, **k: {})
+    first = sample_metrics(samples, dataset, cfg)
+    again = sample_metrics(samples, dataset, cfg)
+    ref = fake_inception(dataset.data)
+    want = frechet_distance(*feature_stats(fake_inception(samples)[np.arange(40) != 3]), *feature_stats(ref))
+    assert first["fid"] == again["fid"] == pytest.approx(want, rel=1e-12)
+    assert seen.count(len(dataset.data)) == 2  # the cached reference once for both calls, and `ref` above

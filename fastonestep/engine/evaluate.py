@@ -64,10 +64,12 @@ def sample_metrics(samples: torch.Tensor, dataset, eval_cfg=None) -> dict:
         if "mnist_fd" not in metrics:  # features other than mnist were chosen: keep the MNIST FD anyway
             metrics["mnist_fd"] = float(mnist_fd(samples, dataset.data, model=model))
         metrics.update(class_coverage(model, samples))
-    if inception and "fid" not in metrics:
-        from fastonestep.eval.inception import fid_from_images
+    if inception and "fid" not in metrics:  # FID besides another feature space: the cached model, on the GPU
+        from fastonestep.eval.features import dataset_fd
 
-        metrics["fid"] = float(fid_from_images(samples, fid_ref or dataset.data, inception))
+        fid = dataset_fd(samples, dataset, make_features("inception", dataset.shape, inception), fid_ref)
+        if fid is not None:
+            metrics["fid"] = float(fid)
     return metrics
 
 

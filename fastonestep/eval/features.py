@@ -175,3 +175,18 @@ def dataset_feature_metrics(samples: torch.Tensor, dataset, extractor: FeatureEx
         ref_feats, ref_stats = _cached(dataset, (extractor.key, "all"), lambda: extractor(data)), None
     return {"feature_space": extractor.name,
             **compare_features(extractor(samples), extractor.fd_key, ref_feats, ref_stats, prdc_ref, k)}
+
+
+def dataset_fd(samples: torch.Tensor, dataset, extractor: FeatureExtractor, ref_stats_path: str = "") -> float | None:
+    """Only the Frechet distance of dataset_feature_metrics, in the extractor's space (e.g. Inception FID next to
+    metrics in another space): the same cached reference features (or the statistics file) and the same rule
+    for non-finite samples (dropped). None when fewer than two samples are finite."""
+    gen = np.asarray(extractor(samples), dtype=np.float64)
+    gen = gen[np.isfinite(gen).all(axis=1)]
+    if len(gen) < 2:
+        return None
+    if ref_stats_path:
+        ref_mu, ref_sigma = load_reference_stats(ref_stats_path, gen.shape[1])
+    else:
+        ref_mu, ref_sigma = feature_stats(_cached(dataset, (extractor.key, "all"), lambda: extractor(dataset.data)))
+    return frechet_distance(*feature_stats(gen), ref_mu, ref_sigma)
