@@ -199,3 +199,22 @@ def test_an_fid_beside_another_feature_space_uses_the_cached_gpu_path(monkeypatc
     want = frechet_distance(*feature_stats(fake_inception(samples)[np.arange(40) != 3]), *feature_stats(ref))
     assert first["fid"] == again["fid"] == pytest.approx(want, rel=1e-12)
     assert seen.count(len(dataset.data)) == 2  # the cached reference once for both calls, and `ref` above
+
+
+def test_mnist_metrics_leave_out_non_finite_samples(monkeypatch):
+    """The MNIST FD and class coverage see only the finite samples, as every other metric does (a NaN image
+    was classified as some digit and made the FD NaN)."""
+    import importlib
+
+    mnist_module = importlib.import_module("fastonestep.eval.mnist_features")
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 10))
+    passed = []
+    monkeypatch.setattr(mnist_module, "get_mnist_classifier", lambda: classifier)
+    monkeypatch.setattr(mnist_module, "mnist_fd", lambda samples, data, model: passed.append(len(samples)) or 1.0)
+    dataset = make_dataset("mnist", size=64)
+    samples = torch.rand(30, 1, 32, 32) * 2 - 1
+    samples[[2, 7]] = float("nan")
+    from types import SimpleNamespace
+
+    metrics = sample_metrics(samples, dataset, SimpleNamespace(features="raw", inception="", fid_ref="", prdc_k=3))
+    assert passed == [28] and sum(metrics["class_histogram"]) == 28

@@ -61,9 +61,11 @@ def sample_metrics(samples: torch.Tensor, dataset, eval_cfg=None) -> dict:
         from fastonestep.eval.mnist_features import class_coverage, get_mnist_classifier, mnist_fd
 
         model = get_mnist_classifier()
-        if "mnist_fd" not in metrics:  # features other than mnist were chosen: keep the MNIST FD anyway
-            metrics["mnist_fd"] = float(mnist_fd(samples, dataset.data, model=model))
-        metrics.update(class_coverage(model, samples))
+        finite = samples[torch.isfinite(samples.flatten(1)).all(1)]  # as compare_features drops them
+        if "mnist_fd" not in metrics and len(finite) >= 2:  # other features were chosen: keep the MNIST FD anyway
+            metrics["mnist_fd"] = float(mnist_fd(finite, dataset.data, model=model))
+        if len(finite):
+            metrics.update(class_coverage(model, finite))
     if inception and "fid" not in metrics:  # FID besides another feature space: the cached model, on the GPU
         from fastonestep.eval.features import dataset_fd
 

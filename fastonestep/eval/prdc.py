@@ -45,7 +45,7 @@ def kth_neighbour_radii(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def prdc(real_features, fake_features, k: int = 5) -> dict:
     """Precision, recall, density, coverage of fake_features (M, F) against real_features (N, F); see the
-    module docstring. Returns floats, plus k and the two set sizes."""
+    module docstring. Returns the four as floats, and k as prdc_k."""
     x, y = _as_features(real_features, "real"), _as_features(fake_features, "generated")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"real features have dimension {x.shape[1]}, generated {y.shape[1]}")
