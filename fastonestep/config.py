@@ -61,7 +61,7 @@ class NetworkConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "edm"  # edm | vp | flow
+    schedule: str = "edm"  # edm only for training (vp, flow: library functions, see fastonestep.diffusion.schedules)
     sigma_data: float = 0.5
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -499,6 +499,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config keys 'diffratio.sigma_min' < 'diffratio.sigma_max' required")
     if cfg.edm.logvar_channels < 0:
         raise ConfigError(f"config key 'edm.logvar_channels' must be >= 0 (0 = off); got {cfg.edm.logvar_channels}")
+    if cfg.diffusion.schedule != "edm":
+        raise ConfigError(
+            f"config key 'diffusion.schedule' = {cfg.diffusion.schedule!r}: training runs in EDM (variance-exploding) "
+            "coordinates only. A VP or flow sample x_t is the EDM sample x_t / alpha at sigma / alpha, so one trained "
+            "denoiser serves every schedule through fastonestep.diffusion (make_schedule, denoise_with_schedule); "
+            "set diffusion.schedule=edm")
     _validate_posthoc_ema(cfg.train)
     if not cfg.train.eval_every_kimg >= 0:
         raise ConfigError(f"config key 'train.eval_every_kimg' must be >= 0 (0 = off); got {cfg.train.eval_every_kimg!r}")

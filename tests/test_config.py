@@ -24,6 +24,8 @@ def test_preset_inheritance_and_overrides():
     (["trainsteps"], "must look like key=value"),
     (["train=3"], "config section 'train' must be a mapping"),
     (["eval.inception=/no/such/pt_inception.pth"], "config key 'eval.inception': file '/no/such/pt_inception.pth'"),
+    (["diffusion.schedule=vp"], "'diffusion.schedule' = 'vp': training runs in EDM"),  # not silently ignored
+    (["diffusion.schedule=flow"], "'diffusion.schedule' = 'flow': training runs in EDM"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
