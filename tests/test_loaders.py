@@ -2,6 +2,7 @@
 an independent reading of the files), resume mid-epoch exactly, and shard disjointly across ranks."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,3 +268,29 @@ def test_torch_loader_readers_outlive_a_stop_signal(sig, latent_folder):
     assert worker.is_alive()
     _assert_same([first, *_draw(loader, 4)], _draw(plain, 5))
     loader.close()
+
+
+def test_a_reader_error_ends_the_run_instead_of_hanging_it(tmp_path):
+    """Torch-loader readers ignore SIGTERM (a preemption notice is the training process's to handle); left to
+    the interpreter's exit after an error they were sent SIGTERM and waited for forever. The run now stops its
+    readers itself and exits with the error."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(folder / f"{i}.jpg")
+    whole = (folder / "2.jpg").read_bytes()
+    (folder / "2.jpg").write_bytes(whole[:len(whole) // 2])  # truncated: fails when decoded, not when listed
+    preset = Path(__file__).resolve().parents[1] / "configs" / "mnist" / "teacher.yaml"
+    done = subprocess.run([sys.executable, "-m", "fastonestep", "train", str(preset), "data.kind=folder",
+                           f"data.path={folder}", "data.loader=torch", "data.workers=1", "data.resolution=32",
+                           "train.batch_size=2", "train.steps=5", "network.channels=8", "--out", str(tmp_path / "run"),
+                           "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    # one line naming the file, not the reader process's traceback
+    assert done.stderr.strip().startswith("fastonestep: error: cannot read image") and "2.jpg" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

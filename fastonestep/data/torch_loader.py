@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .errors import DataError
 from .files import FileDataset, images_to_tensor, read_sample
 from .order import EpochOrder
 
@@ -52,6 +53,13 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _last_line(message: str) -> str:
+    """The error itself out of a reader's re-raised message ("Caught ... Original Traceback ... X: what")."""
+    last = message.strip().splitlines()[-1] if message.strip() else message
+    prefix = f"{DataError.__module__}.{DataError.__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def _keep_none(item):
     return item  # items are whole batches already; the default collate would choke on labels=None
 
@@ -78,7 +86,10 @@ class TorchLoader:
     def next(self):
         if self._iter is None:
             self._start()
-        k, x, y = next(self._iter)
+        try:
+            k, x, y = next(self._iter)
+        except DataError as err:  # from a reader process: its message carries the reader's whole traceback
+            raise DataError(_last_line(str(err))) from None
         if k != self.consumed:  # cannot happen with an ordered DataLoader; guards resume bookkeeping
             raise RuntimeError(f"torch loader produced batch {k}, expected {self.consumed}")
         self.consumed += 1
@@ -94,4 +105,9 @@ class TorchLoader:
         self.close()  # the next batch restarts the readers at the saved position
 
     def close(self) -> None:
-        self._iter = None  # worker processes exit when the iterator is collected
+        """Stops the reader processes now. Left to garbage collection at interpreter exit they would be sent
+        SIGTERM, which they ignore (_ignore_stop_signals), and the exit would wait for them forever."""
+        it, self._iter = self._iter, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # DataLoader's own orderly stop: a sentinel per reader
+        if shutdown is not None:
+            shutdown()

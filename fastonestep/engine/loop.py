@@ -134,102 +134,108 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
 
     loader = make_loader(cfg, dataset, method.device, backend.rank, backend.world_size)
-    ckpt_path = latest_checkpoint(run_dir)
-    state = load_checkpoint(ckpt_path) if ckpt_path else None
-    start = state["step"] if state else 0
-    if start >= cfg.train.steps and os.path.exists(metrics_path):  # done: nothing to restore
+    try:
+        ckpt_path = latest_checkpoint(run_dir)
+        state = load_checkpoint(ckpt_path) if ckpt_path else None
+        start = state["step"] if state else 0
+        if start >= cfg.train.steps and os.path.exists(metrics_path):  # done: nothing to restore
+            backend.barrier()
+            log(f"run '{run_dir}' is complete ({start} steps); metrics in {metrics_path}")
+            with open(metrics_path, encoding="utf-8") as f:
+                return json.load(f)
+        if state:
+            try:
+                method.load_state_dict(state["method"])
+            except ValueError as exc:
+                raise ValueError(f"cannot resume from '{ckpt_path}': {exc}") from exc
+            loader.load_state_dict(state["loader"])
+            load_default_rng_state(state, method.device)
+            log(f"resuming from {ckpt_path} (step {start})")
+        if main:  # also on a fresh start: lines of an attempt that never checkpointed
+            truncate_stats(run_dir, start)
+            truncate_eval_log(run_dir, start)
         backend.barrier()
-        log(f"run '{run_dir}' is complete ({start} steps); metrics in {metrics_path}")
-        with open(metrics_path, encoding="utf-8") as f:
-            return json.load(f)
-    if state:
-        try:
-            method.load_state_dict(state["method"])
-        except ValueError as exc:
-            raise ValueError(f"cannot resume from '{ckpt_path}': {exc}") from exc
-        loader.load_state_dict(state["loader"])
-        load_default_rng_state(state, method.device)
-        log(f"resuming from {ckpt_path} (step {start})")
-    if main:  # also on a fresh start: lines of an attempt that never checkpointed
-        truncate_stats(run_dir, start)
-        truncate_eval_log(run_dir, start)
-    backend.barrier()
 
-    log(f"parameters: {method.parameter_counts}")
-    # TensorBoard lives as long as the steps: closed (flushed) after the last one, or when a step raises.
-    # SIGTERM / SIGINT during the steps: the step finishes, is checkpointed, and TrainingStopped is raised.
-    with tensorboard_log(cfg.train.tensorboard and main, run_dir, start + 1, log) as board, \
-            stop_requests(backend.world_size, method.device) as stop:
-        stats = StatsLogger(run_dir, method.device, backend)
-        stats.load_pending_state(state.get("stats") if state else None, holds_totals=main)
+        log(f"parameters: {method.parameter_counts}")
+        # TensorBoard lives as long as the steps: closed (flushed) after the last one, or when a step raises.
+        # SIGTERM / SIGINT during the steps: the step finishes, is checkpointed, and TrainingStopped is raised.
+        with tensorboard_log(cfg.train.tensorboard and main, run_dir, start + 1, log) as board, \
+                stop_requests(backend.world_size, method.device) as stop:
+            stats = StatsLogger(run_dir, method.device, backend)
+            stats.load_pending_state(state.get("stats") if state else None, holds_totals=main)
 
-        def save_checkpoint(done: int) -> None:
-            pending = stats.pending_state()  # collective: every rank, before the engines' shards
-            # collective: the checkpoint holds the whole EMAs (written by rank 0)
-            with method.ema.gathered(), method.posthoc.gathered():
-                backend.save_checkpoint(run_dir, done, lambda: {
-                    "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
-                    **default_rng_state(method.device), "stats": pending})
-            stats.exclude(0.0)  # its time counts as training, its memory peak (the assembled EMA) does not
+            def save_checkpoint(done: int) -> None:
+                pending = stats.pending_state()  # collective: every rank, before the engines' shards
+                # collective: the checkpoint holds the whole EMAs (written by rank 0)
+                with method.ema.gathered(), method.posthoc.gathered():
+                    backend.save_checkpoint(run_dir, done, lambda: {
+                        "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
+                        **default_rng_state(method.device), "stats": pending})
+                stats.exclude(0.0)  # its time counts as training, its memory peak (the assembled EMA) does not
 
-        bar = _progress_bar(start, cfg.train.steps, progress)
-        t_start = time.perf_counter()
-        batch = cfg.train.batch_size
-        for step in range(start, cfg.train.steps):
-            with backend.autocast():
-                row = method.step(loader.next, step, step * batch)
-            stats.add(row, batch)
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                line = stats.flush(done, done * batch)
-                if board is not None:
-                    board.stats(line)
-                if bar is not None:
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in line.items()
-                                     if ("loss" in k or "accuracy" in k) and v is not None})
-            if eval_due(done, batch, cfg.train.eval_every_kimg):  # before the checkpoint: a crash re-runs it
-                t_eval = time.perf_counter()
-                with method.ema.gathered():  # collective: the EMA whole on rank 0 (ZeRO shards it)
-                    if main:  # evaluation reads the EMA only: no collective inside
-                        row, samples = periodic_eval(method, dataset, cfg, run_dir, done, done * batch)
-                        if board is not None:
-                            board.eval(row, samples, cfg.eval.grid)
-                backend.barrier()
-                stats.exclude(time.perf_counter() - t_eval)  # evaluation (and its logging) is not training
-            if method.posthoc and (eval_due(done, batch, cfg.train.ema_snapshot_kimg) or done == cfg.train.steps):
-                save_posthoc_snapshots(method, backend, run_dir, done * batch, lambda: model_info(cfg, method, dataset))
-                stats.exclude(0.0)  # like a checkpoint: its memory peak (the assembled EMAs) is not training's
-            saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
-            if saved:
-                save_checkpoint(done)
-            if bar is not None:
-                bar.update(1)
-            stop_signal = stop.agreed()
-            if stop_signal:
-                if not saved:
+            bar = _progress_bar(start, cfg.train.steps, progress)
+            t_start = time.perf_counter()
+            batch = cfg.train.batch_size
+            for step in range(start, cfg.train.steps):
+                with backend.autocast():
+                    row = method.step(loader.next, step, step * batch)
+                stats.add(row, batch)
+                done = step + 1
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    line = stats.flush(done, done * batch)
+                    if board is not None:
+                        board.stats(line)
+                    if bar is not None:
+                        bar.set_postfix({k: f"{v:.3g}" for k, v in line.items()
+                                         if ("loss" in k or "accuracy" in k) and v is not None})
+                if eval_due(done, batch, cfg.train.eval_every_kimg):  # before the checkpoint: a crash re-runs it
+                    t_eval = time.perf_counter()
+                    with method.ema.gathered():  # collective: the EMA whole on rank 0 (ZeRO shards it)
+                        if main:  # evaluation reads the EMA only: no collective inside
+                            row, samples = periodic_eval(method, dataset, cfg, run_dir, done, done * batch)
+                            if board is not None:
+                                board.eval(row, samples, cfg.eval.grid)
+                    backend.barrier()
+                    stats.exclude(time.perf_counter() - t_eval)  # evaluation (and its logging) is not training
+                if method.posthoc and (eval_due(done, batch, cfg.train.ema_snapshot_kimg) or done == cfg.train.steps):
+                    save_posthoc_snapshots(method, backend, run_dir, done * batch,
+                                           lambda: model_info(cfg, method, dataset))
+                    stats.exclude(0.0)  # like a checkpoint: its memory peak (the assembled EMAs) is not training's
+                saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
+                if saved:
                     save_checkpoint(done)
                 if bar is not None:
-                    bar.close()
-                raise TrainingStopped(stop_signal, done, run_dir)
-        if bar is not None:
-            bar.close()
-    train_seconds = time.perf_counter() - t_start
+                    bar.update(1)
+                stop_signal = stop.agreed()
+                if stop_signal:
+                    if not saved:
+                        save_checkpoint(done)
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingStopped(stop_signal, done, run_dir)
+            if bar is not None:
+                bar.close()
+        train_seconds = time.perf_counter() - t_start
 
-    metrics = None
-    with method.ema.gathered():  # collective: the EMA whole on rank 0 for the export and the evaluation
-        with backend.gathered():  # collective: trained networks whole, fp32, on every rank for the exports
+        metrics = None
+        with method.ema.gathered():  # collective: the EMA whole on rank 0 for the export and the evaluation
+            with backend.gathered():  # collective: trained networks whole, fp32, on every rank for the exports
+                if main:
+                    export_model(os.path.join(run_dir, "model.safetensors"), method.export_network(),
+                                 model_info(cfg, method, dataset))
+                    for name, (module, info) in method.export_extra().items():  # e.g. DiffRatio's ratio net (verifier)
+                        export_model(os.path.join(run_dir, f"{name}.safetensors"), module, info)
             if main:
-                export_model(os.path.join(run_dir, "model.safetensors"), method.export_network(),
-                             model_info(cfg, method, dataset))
-                for name, (module, info) in method.export_extra().items():  # e.g. DiffRatio's ratio net (verifier)
-                    export_model(os.path.join(run_dir, f"{name}.safetensors"), module, info)
-        if main:
-            metrics = evaluate(method, dataset, cfg, run_dir, progress=log)
-            metrics["parameters"] = method.parameter_counts
-            metrics["train_seconds_this_session"] = train_seconds
-            metrics["steps"] = cfg.train.steps
-            atomic_write_json(metrics_path, metrics)
-    return backend.broadcast_object(metrics)
+                metrics = evaluate(method, dataset, cfg, run_dir, progress=log)
+                metrics["parameters"] = method.parameter_counts
+                metrics["train_seconds_this_session"] = train_seconds
+                metrics["steps"] = cfg.train.steps
+                atomic_write_json(metrics_path, metrics)
+        return backend.broadcast_object(metrics)
+    finally:  # readers stop now, on an error too (torch readers ignore the SIGTERM of an exit)
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
 
 
 def save_posthoc_snapshots(method, backend, run_dir: str, nimg: int, info) -> None:
