@@ -166,7 +166,8 @@ def _write_png(path, pixels):
 
 
 def _to_unit(pixels):
-    return torch.from_numpy(np.asarray(pixels, dtype=np.float32)) / 127.5 - 1.0
+    """uint8 -> [-1, 1] rounded as every loader rounds it: (x - 127.5) / 127.5 (x / 127.5 - 1 differs by an ulp)."""
+    return (torch.from_numpy(np.asarray(pixels, dtype=np.float32)) - 127.5) / 127.5
 
 
 def test_labelled_image_folder_round_trip(tmp_path):

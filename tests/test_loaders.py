@@ -294,3 +294,23 @@ def test_a_reader_error_ends_the_run_instead_of_hanging_it(tmp_path):
     # one line naming the file, not the reader process's traceback
     assert done.stderr.strip().startswith("fastonestep: error: cannot read image") and "2.jpg" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_the_memory_loader_cuts_the_same_pixels_as_the_streaming_loaders(tmp_path):
+    """data.loader=auto keeps a small folder in memory: it must hold exactly what the torch (and DALI) loaders
+    read. Odd, non-square sizes that need resizing (the crop's odd margin after the resize), and a folder whose
+    first file is grayscale but another is colour (both read it as RGB)."""
+    from fastonestep.data.images import load_image_folder
+
+    rng = np.random.default_rng(5)
+    sizes = [(23, 16), (16, 21), (50, 37), (16, 16)]
+    _write_png(str(tmp_path / "0.png"), rng.integers(0, 256, (19, 26), dtype=np.uint8))  # grayscale, first
+    for i, (h, w) in enumerate(sizes, start=1):
+        _write_png(str(tmp_path / f"{i}.png"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    in_memory, _, _ = load_image_folder(str(tmp_path), 16)
+    ds = scan_image_folder(str(tmp_path), 16)
+    assert ds.shape == tuple(in_memory.shape[1:]) == (3, 16, 16)
+    (streamed, _), = _draw(TorchLoader(ds, 5, seed=0), 1)
+    order = EpochOrder(5, 5, seed=0)
+    _, idx, _ = order.batch(0)
+    assert torch.equal(streamed, in_memory[torch.as_tensor(idx)])

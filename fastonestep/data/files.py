@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from .errors import DataError
-from .images import _GRAY_MODES, IMAGE_EXTENSIONS, _class_of, _find_images
+from .images import (_GRAY_MODES, IMAGE_EXTENSIONS, _class_of, _find_images, center_crop_box,  # noqa: F401
+                     read_image, resized_shorter)
 
 LATENT_INDEX = "dataset.json"
 
@@ -91,41 +92,11 @@ def scan_image_folder(path: str, resolution: int, size: int = 0) -> FileDataset:
     if size:
         files = files[:size]
         labels = None if labels is None else labels[:size]
-    channels = 1 if _file_is_gray(files[0]) else 3
+    # 1 only if every file is grayscale, as the memory loader decides (a colour file stops the scan at once)
+    channels = 1 if all(_file_is_gray(f) for f in files) else 3
     shape = (channels, resolution, resolution)
     return FileDataset("folder", path, files, labels, len(class_names or ()), class_names, shape, shape,
                        resolution=resolution)
-
-
-def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
-    """The centred crop window; an odd margin puts the extra pixel before the window (round half up),
-    which is what DALI's crop_pos 0.5 does, so both loaders cut the same pixels."""
-    left, top = (width - crop + 1) // 2, (height - crop + 1) // 2
-    return left, top, left + crop, top + crop
-
-
-def resized_shorter(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """Size after scaling the shorter side to `resolution` (longer side rounded to nearest, as DALI does)."""
-    if width <= height:
-        return resolution, max(resolution, int(height * resolution / width + 0.5))
-    return max(resolution, int(width * resolution / height + 0.5)), resolution
-
-
-def read_image(file: str, resolution: int, gray: bool) -> np.ndarray:
-    """uint8 (H, W, C): decoded, shorter side resized to `resolution` (Lanczos; skipped when it already is),
-    centre-cropped to a square."""
-    try:
-        with Image.open(file) as img:
-            img.load()
-            img = img.convert("L" if gray else "RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {file!r}: {err}") from err
-    w, h = img.size
-    if min(w, h) != resolution:
-        img = img.resize(resized_shorter(w, h, resolution), Image.Resampling.LANCZOS)
-    img = img.crop(center_crop_box(*img.size, resolution))
-    pixels = np.asarray(img, dtype=np.uint8)
-    return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def images_to_tensor(pixels: list[np.ndarray], flips: np.ndarray | None) -> torch.Tensor:

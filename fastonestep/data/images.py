@@ -38,9 +38,24 @@ def _class_of(root: str, file: str) -> str | None:
     return parts[0] if len(parts) > 1 else None
 
 
-def _read_square(file: str, resolution: int, gray: bool | None) -> np.ndarray:
-    """One image, centre-cropped to a square and resized, as uint8 (H, W, 1) or (H, W, 3).
-    gray=None keeps the file's own colour type."""
+def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
+    """The centred crop window; an odd margin puts the extra pixel before the window (round half up),
+    which is what DALI's crop_pos 0.5 does, so every loader cuts the same pixels."""
+    left, top = (width - crop + 1) // 2, (height - crop + 1) // 2
+    return left, top, left + crop, top + crop
+
+
+def resized_shorter(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """Size after scaling the shorter side to `resolution` (longer side rounded to nearest, as DALI does)."""
+    if width <= height:
+        return resolution, max(resolution, int(height * resolution / width + 0.5))
+    return max(resolution, int(width * resolution / height + 0.5)), resolution
+
+
+def read_image(file: str, resolution: int, gray: bool | None) -> np.ndarray:
+    """uint8 (H, W, C): decoded, shorter side resized to `resolution` (Lanczos; skipped when it already is),
+    centre-cropped to a square; the same pixels in every loader (memory, torch, DALI). gray=None keeps the
+    file's own colour type."""
     try:
         with Image.open(file) as img:
             img.load()
@@ -50,17 +65,16 @@ def _read_square(file: str, resolution: int, gray: bool | None) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {file!r}: {err}") from err
     w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    img = img.crop((left, top, left + side, top + side))
-    if side != resolution:
-        img = img.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    if min(w, h) != resolution:
+        img = img.resize(resized_shorter(w, h, resolution), Image.Resampling.LANCZOS)
+    img = img.crop(center_crop_box(*img.size, resolution))
     pixels = np.asarray(img, dtype=np.uint8)
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def _uint8_to_unit(pixels: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(pixels)).float().div_(127.5).sub_(1.0)
+    """uint8 -> [-1, 1], rounded as the streaming loaders round it ((x - 127.5) / 127.5)."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).float().sub_(127.5).div_(127.5)
 
 
 def load_image_folder(path: str, resolution: int, channels: int | None = None
@@ -70,7 +84,7 @@ def load_image_folder(path: str, resolution: int, channels: int | None = None
     Returns (images, labels, class_names). When two or more immediate subfolders hold images, each such
     subfolder is a class (sorted by name, labels int64 in 0..K-1); otherwise labels and class_names are None.
     channels: 1 (grayscale), 3 (RGB) or None, which gives 1 if every file is grayscale and 3 otherwise.
-    Non-square images are centre-cropped to a square, then resized (Lanczos).
+    Images are resized (shorter side to `resolution`, Lanczos), then centre-cropped: as the streaming loaders do.
     """
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1, 3 or None (infer from the files), got {channels}")
@@ -95,7 +109,7 @@ def load_image_folder(path: str, resolution: int, channels: int | None = None
                         "move them into a class subfolder")
 
     gray = None if channels is None else channels == 1
-    arrays = [_read_square(f, resolution, gray) for f in files]
+    arrays = [read_image(f, resolution, gray) for f in files]
     num_channels = max(a.shape[-1] for a in arrays)
     # Under channel inference a mix of gray and colour files becomes RGB: repeat the gray channel.
     pixels = np.stack([np.broadcast_to(a, a.shape[:2] + (num_channels,)) for a in arrays])
