@@ -154,3 +154,39 @@ def test_fused_latent_sampling_matches_its_own_noise():
     z = regenerate_noise((2, 4, 4, 4), 5, stream="latent")
     ref = (moments[:, :4] + moments[:, 4:] * z) * torch.tensor(SCALE).view(1, 4, 1, 1) + torch.tensor(BIAS).view(1, 4, 1, 1)
     torch.testing.assert_close(x, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_an_encode_resumes_only_with_the_same_inputs(encoded, vae_dir, tmp_path, capsys):
+    """Latent files are matched to images by position: a resumed encode with another VAE, or with an image added
+    to the folder, would mix encodes or shift latents against their labels. Both are refused, before and after
+    the encode finished (a killed encode has its progress record, not yet dataset.json)."""
+    import shutil
+
+    paths, out = encoded
+    images = os.path.dirname(os.path.dirname(paths[0]))
+    partial = str(tmp_path / "partial")
+    shutil.copytree(out, partial)
+    os.remove(os.path.join(partial, "dataset.json"))  # killed after its files, before dataset.json
+    os.remove(os.path.join(partial, json.load(open(os.path.join(out, "dataset.json")))["labels"][3][0]))
+    progress = {**json.load(open(os.path.join(out, "dataset.json")))}
+    progress.pop("labels"), progress.pop("latent_channels")
+    with open(os.path.join(partial, "encode-progress.json"), "w") as f:
+        json.dump(progress, f)
+    other_vae = str(tmp_path / "other-vae")
+    shutil.copytree(vae_dir, other_vae)
+    args = ["dataset", "encode", images, "--out", partial, "--resolution", str(RES)]
+    assert main(args + ["--vae", other_vae]) == 2
+    assert "different encode (vae differ" in capsys.readouterr().err
+    added, added_out = tmp_path / "added", str(tmp_path / "added-latents")
+    shutil.copytree(images, added)
+    again = ["dataset", "encode", str(added), "--vae", vae_dir, "--out", added_out, "--resolution", str(RES)]
+    assert main(again) == 0
+    Image.fromarray(np.zeros((RES, RES, 3), dtype=np.uint8)).save(added / "a" / "1b.png")  # sorts before b/2.png
+    assert main(again) == 2  # a finished encode too
+    assert "(num_images, files_sha256 differ; 4 images then, 5 now)" in capsys.readouterr().err
+    assert main(args + ["--vae", vae_dir]) == 0  # the same inputs: resumes, encodes the missing file
+    resumed = json.load(open(os.path.join(partial, "dataset.json")))
+    assert resumed["labels"] == json.load(open(os.path.join(out, "dataset.json")))["labels"]
+    assert not os.path.exists(os.path.join(partial, "encode-progress.json"))
+    name = resumed["labels"][3][0]
+    np.testing.assert_array_equal(np.load(os.path.join(partial, name)), np.load(os.path.join(out, name)))

@@ -19,6 +19,7 @@ latent_scale=scale, latent_bias=bias, return_x0=True), which returns (x_t, clean
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -33,6 +34,7 @@ EDM2_FINAL_STD = 0.5
 EDM2_SCALE = tuple(EDM2_FINAL_STD / s for s in EDM2_RAW_STD)
 EDM2_BIAS = tuple(-m * k for m, k in zip(EDM2_RAW_MEAN, EDM2_SCALE))
 FORMAT = "fastonestep-latents-v1 (EDM2 img-mean-std layout)"
+ENCODE_PROGRESS = "encode-progress.json"  # an encode's inputs, while it runs (dataset.json comes last)
 FILES_PER_FOLDER = 1000
 
 
@@ -193,15 +195,26 @@ def encode_folder(image_folder: str, vae_path: str, out_dir: str, resolution: in
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = load_vae(vae_path, device)
     index_path = os.path.join(out_dir, "dataset.json")
+    progress_path = os.path.join(out_dir, ENCODE_PROGRESS)
     meta = {"format": FORMAT, "source": os.path.abspath(image_folder), "vae": os.path.abspath(vae_path),
-            "resolution": resolution, "class_names": images.class_names}
-    if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            old = json.load(f)
-        changed = [k for k in ("source", "vae", "resolution") if old.get(k) != meta[k]]
-        if changed:
-            raise DataError(f"{out_dir!r} already holds latents of a different encode ({', '.join(changed)} "
-                            "differ); use another --out")
+            "resolution": resolution, "class_names": images.class_names, "num_images": len(images),
+            "files_sha256": _file_list_digest(image_folder, images.files)}
+    # Files are matched to images by position, so an encode resumes only with the same inputs: the same VAE and
+    # size, and the same image files (an added or removed image shifts every later one). A killed encode has
+    # no dataset.json (written last) but the progress record written first.
+    for path in (index_path, progress_path):
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            changed = [k for k in ("source", "vae", "resolution", "num_images", "files_sha256")
+                       if k in old and old[k] != meta[k]]
+            if changed:
+                why = f"; {old['num_images']} images then, {len(images)} now" if "num_images" in changed else ""
+                why += "; the image files changed" if "files_sha256" in changed and not why else ""
+                raise DataError(f"{out_dir!r} holds latents of a different encode ({', '.join(changed)} differ"
+                                f"{why}); use another --out, or the same inputs to resume")
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_json(progress_path, meta)
     n = len(images)
     names = [latent_file_name(i) for i in range(n)]
     todo = [i for i in range(n) if not os.path.isfile(os.path.join(out_dir, names[i]))]
@@ -219,7 +232,16 @@ def encode_folder(image_folder: str, vae_path: str, out_dir: str, resolution: in
     labels = images.labels.tolist() if images.labels is not None else [None] * n
     meta.update(latent_channels=int(channels), labels=[[name, lab] for name, lab in zip(names, labels)])
     atomic_write_json(index_path, meta)
+    os.remove(progress_path)
     return meta
+
+
+def _file_list_digest(folder: str, files: list[str]) -> str:
+    """sha256 of the images' paths relative to `folder`, in encode order."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(os.path.relpath(file, folder).encode("utf-8") + b"\0")
+    return digest.hexdigest()
 
 
 def latent_model_info(data_cfg) -> dict:
