@@ -314,3 +314,10 @@ def test_the_memory_loader_cuts_the_same_pixels_as_the_streaming_loaders(tmp_pat
     order = EpochOrder(5, 5, seed=0)
     _, idx, _ = order.batch(0)
     assert torch.equal(streamed, in_memory[torch.as_tensor(idx)])
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali", "auto"])
+def test_a_missing_data_path_is_named_whatever_the_loader(loader):
+    cfg = load_config(None, ["method=edm", "data.kind=folder", "data.path=/no/such/folder", f"data.loader={loader}"])
+    with pytest.raises(DataError, match="'/no/such/folder' does not exist"):
+        open_dataset(cfg)

@@ -51,6 +51,8 @@ def resolve_loader(data_cfg, dataset=None) -> str:
     if choice not in LOADERS:
         raise DataError(f"config key 'data.loader' must be one of {', '.join(LOADERS)}; got {choice!r}")
     streamable = _is_streamable(data_cfg.kind, data_cfg.path)
+    if data_cfg.kind in ("folder", "latent") and data_cfg.path and not os.path.exists(data_cfg.path):
+        raise DataError(f"config key 'data.path': {data_cfg.path!r} does not exist")
     if choice != "auto":
         if choice != "memory" and not streamable:
             raise DataError(f"config key 'data.loader' is {choice!r}, which streams image folders and latent "
