@@ -321,3 +321,14 @@ def test_a_missing_data_path_is_named_whatever_the_loader(loader):
     cfg = load_config(None, ["method=edm", "data.kind=folder", "data.path=/no/such/folder", f"data.loader={loader}"])
     with pytest.raises(DataError, match="'/no/such/folder' does not exist"):
         open_dataset(cfg)
+
+
+@needs_dali
+def test_a_file_dali_cannot_decode_is_named(tmp_path):
+    for i in range(4):
+        _write_png(str(tmp_path / f"{i}.png"), np.full((16, 16, 3), 40 * i, dtype=np.uint8))
+    whole = (tmp_path / "2.png").read_bytes()
+    (tmp_path / "2.png").write_bytes(whole[:len(whole) // 2])
+    loader = DaliLoader(scan_image_folder(str(tmp_path), 16), 4, seed=0)
+    with pytest.raises(DataError, match="cannot read image .*2.png"):
+        loader.next()

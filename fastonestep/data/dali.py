@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .files import FileDataset, read_moments
+from .files import FileDataset, read_moments, read_sample
 from .order import EpochOrder
 
 
@@ -122,13 +122,27 @@ class DaliLoader:
     def next(self):
         if self._pipe is None:
             self._start()
-        (out,) = self._pipe.run()
+        try:
+            (out,) = self._pipe.run()
+        except RuntimeError as err:  # DALI's decode errors name a sample number, not the file
+            raise self._failed_file(err) from err
         _, idx, _ = self.order.batch(self.consumed)  # the labels: same pure function of the batch number
         self.consumed += 1
         x = _to_torch(out, self.device)
         labels = self.dataset.labels
         y = None if labels is None else labels[torch.from_numpy(idx)].to(self.device, non_blocking=True)
         return x, y
+
+    def _failed_file(self, err: Exception) -> DataError:
+        """The file DALI failed on: the files of this batch and of those it reads ahead, re-read on the host
+        until one fails (that DataError names it); else DALI's own message."""
+        for k in range(self.consumed, self.consumed + self.prefetch + 1):
+            for i in self.order.batch(k)[1]:
+                try:
+                    read_sample(self.dataset, int(i))
+                except DataError as failed:
+                    return failed
+        return DataError(f"the DALI pipeline failed at batch {self.consumed}: {err}")
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, **self.order.position_of(self.consumed)}
