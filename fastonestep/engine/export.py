@@ -62,14 +62,19 @@ def model_path(path: str) -> str:
     return os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
 
 
+def build_from_info(info: dict) -> torch.nn.Module:
+    """The (untrained) network a model file's metadata describes, on the current default device."""
+    spec = info["network"]
+    build = build_ratio if info.get("role") == "ratio" else build_denoiser
+    return build(spec["kind"], tuple(info["data_shape"]), info["num_classes"], info["sigma_data"], **spec["arch"])
+
+
 def load_model(path: str, device="cpu"):
     """Returns (network in eval mode, info); `path` is a run directory or a model file. A denoiser/generator
     comes back as EDMPrecond; a file with role "ratio" (DiffRatio's ratio.safetensors) as RatioPrecond."""
     path = model_path(path)
     info = read_info(path)
-    spec = info["network"]
-    build = build_ratio if info.get("role") == "ratio" else build_denoiser
-    net = build(spec["kind"], tuple(info["data_shape"]), info["num_classes"], info["sigma_data"], **spec["arch"])
+    net = build_from_info(info)
     try:
         net.load_state_dict(load_file(path))
     except RuntimeError as e:

@@ -235,13 +235,10 @@ def reconstruct(run_dir: str, std: float, nimg: int | None = None, out: str | No
 
 def parameter_names(info: dict) -> set[str]:
     """The parameters (not buffers) of the network a model file's metadata describes, built on the meta device."""
-    from fastonestep.networks.build import build_denoiser, build_ratio
+    from fastonestep.engine.export import build_from_info
 
-    spec = info["network"]
-    build = build_ratio if info.get("role") == "ratio" else build_denoiser
     with torch.device("meta"):
-        net = build(spec["kind"], tuple(info["data_shape"]), info["num_classes"], info["sigma_data"], **spec["arch"])
-    return {name for name, _ in net.named_parameters()}
+        return {name for name, _ in build_from_info(info).named_parameters()}
 
 
 class _TensorDict(nn.Module):
