@@ -18,16 +18,32 @@ def _cmd_train(args) -> int:
     from fastonestep.config import load_config
     from fastonestep.engine.loop import train
 
+    if args.gpus is not None and not args.dry_run:
+        raise ValueError("--gpus applies to --dry-run (the memory estimate); a launch's GPUs are torchrun's "
+                         "--nproc_per_node")
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:  # config, parameter counts, memory estimate; reads no data, needs no teacher or GPU
         from fastonestep.engine.dryrun import dry_run
 
-        dry_run(cfg, gpus=args.gpus, activations=not args.no_activations)
+        dry_run(cfg, gpus=1 if args.gpus is None else args.gpus, activations=not args.no_activations)
         return 0
     out = args.out or os.path.join("runs", Path(args.config).stem)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out '{out}' is a file; the run directory must be a directory (new or a run's)")
     metrics = train(cfg, out, progress=not args.no_progress)
-    print(json.dumps(_headline(metrics), indent=2))
+    _close_process_group()
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns rank 0's metrics: print them once
+        print(json.dumps(_headline(metrics), indent=2))
     return 0
+
+
+def _close_process_group() -> None:
+    """Before the interpreter exits: left to static destruction, gloo's threads can abort the process (SIGABRT,
+    "terminate called without an active exception") after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _headline(metrics: dict) -> dict:
@@ -42,8 +58,18 @@ def _cmd_sample(args) -> int:
     from fastonestep.engine.export import load_model
     from fastonestep.engine.images import save_image_grid, save_scatter
 
+    if args.num <= 0:
+        raise ValueError(f"--num must be a positive number of samples; got {args.num}")
+    for path in (args.out, args.npz):  # made before sampling, not found missing after it
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net, info = load_model(args.model, device)
+    if args.steps is not None and (info.get("role") != "denoiser" or args.steps <= 0):
+        raise ValueError(f"--steps must be a positive number of steps of a denoiser's sampler; got {args.steps}"
+                         if info.get("role") == "denoiser" else
+                         f"--steps applies to a denoiser (teacher) model; '{args.model}' is a {info.get('role')} "
+                         "network whose sampling steps were fixed by its training")
     if info.get("sampler") == "backward":  # backward distillation: its parameterisation and noise correction
         from fastonestep.diffusion.backward_sampler import backward_sample
 
@@ -57,7 +83,7 @@ def _cmd_sample(args) -> int:
             return student_sample(net, noise, info["sigma_g"], labels=labels)
     else:
         def sampler(noise, labels):
-            return edm_sample(net, noise, num_steps=args.steps, labels=labels)
+            return edm_sample(net, noise, num_steps=args.steps or 18, labels=labels)
     if args.verifier:  # DiffRatio: best-of-N (or resampled) candidates scored by the run's ratio network
         from fastonestep.engine.verifier import sample_with_verifier
 
@@ -94,20 +120,41 @@ def _decode_latents(samples, info: dict, vae_path, device):
 def _cmd_dataset(args) -> int:
     from fastonestep.data.latents import encode_folder
 
+    if not os.path.isdir(args.images):
+        raise FileNotFoundError(f"image folder '{args.images}' does not exist")
     meta = encode_folder(args.images, args.vae, args.out, resolution=args.resolution, batch_size=args.batch)
     print(f"wrote {len(meta['labels'])} latent files ({2 * meta['latent_channels']} channels: mean, std) and "
           f"{os.path.join(args.out, 'dataset.json')}; train with data.kind=latent data.path={args.out}")
     return 0
 
 
-def _load_into(net, path: str) -> None:
-    """The weights of model file `path` into `net`, which must be of the same architecture."""
+def _check_counts(args) -> None:
+    for flag, value in (("--num", args.num), ("--k", args.k)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be positive; got {value}")
+
+
+def _training_record(metrics_path: str) -> dict:
+    """What training wrote into metrics.json that an evaluation does not recompute (steps, training time)."""
+    if not os.path.isfile(metrics_path):
+        return {}
+    with open(metrics_path, encoding="utf-8") as f:
+        old = json.load(f)
+    return {k: old[k] for k in ("steps", "train_seconds_this_session") if k in old}
+
+
+def _load_into(net, path: str, run_info: dict) -> None:
+    """The weights of model file `path` into `net`: a model of this run (`run_info`), same role and data."""
     from safetensors.torch import load_file
 
     from fastonestep.engine.checkpoint import CheckpointError
     from fastonestep.engine.export import read_info
 
-    read_info(path)  # a fastonestep model file, or a clear error
+    info = read_info(path)  # a fastonestep model file, or a clear error
+    for key in ("role", "data_shape", "num_classes"):
+        if info.get(key) != run_info.get(key):
+            raise CheckpointError(f"model file '{path}' is not a model of this run: its {key} is {info.get(key)!r}, "
+                                  f"the run's {run_info.get(key)!r}")
     try:
         net.load_state_dict(load_file(path))
     except RuntimeError as e:
@@ -118,7 +165,7 @@ def _cmd_eval(args) -> int:
     from fastonestep.config import load_config
     from fastonestep.engine.checkpoint import CheckpointError, atomic_write_json, latest_checkpoint, load_checkpoint
     from fastonestep.engine.evaluate import evaluate
-    from fastonestep.engine.loop import build
+    from fastonestep.engine.loop import build, model_info
 
     cfg_path = os.path.join(args.run, "config.yaml")
     if not os.path.isfile(cfg_path):
@@ -131,11 +178,12 @@ def _cmd_eval(args) -> int:
         raise ValueError("--ref applies to an image folder; for a run directory use --fid-ref (FID statistics)")
     if args.model and not os.path.isfile(args.model):
         raise FileNotFoundError(f"--model: file '{args.model}' does not exist")
-    overrides = [f"eval.num_samples={args.num}"] if args.num else []
+    _check_counts(args)
+    overrides = [f"eval.num_samples={args.num}"] if args.num is not None else []
     overrides += [f"eval.inception={args.inception}"] if args.inception else []
     overrides += [f"eval.fid_ref={args.fid_ref}"] if args.fid_ref else []
     overrides += [f"eval.features={args.features}"] if args.features else []
-    overrides += [f"eval.prdc_k={args.k}"] if args.k else []
+    overrides += [f"eval.prdc_k={args.k}"] if args.k is not None else []
     cfg = load_config(cfg_path, overrides)
     ckpt = latest_checkpoint(args.run)
     if ckpt is None:
@@ -143,7 +191,7 @@ def _cmd_eval(args) -> int:
     dataset, method = build(cfg)
     method.load_state_dict(load_checkpoint(ckpt)["method"])
     if args.model:  # e.g. a post-hoc EMA (`fastonestep ema`): evaluated in place of the run's EMA
-        _load_into(method.ema.net, args.model)
+        _load_into(method.ema.net, args.model, model_info(cfg, method, dataset))
     first = []
 
     def save_first_stats(name, samples):  # --save-stats: the run's model (the first sampler)
@@ -155,11 +203,14 @@ def _cmd_eval(args) -> int:
 
     metrics = evaluate(method, dataset, cfg, args.run, on_samples=save_first_stats)
     metrics["parameters"] = method.parameter_counts
-    if args.model:  # the run's own metrics.json stays that of its EMA
+    if args.model:  # the run's own metrics.json stays that of its EMA; results go to the run evaluated
         metrics["model"] = os.path.abspath(args.model)
-        atomic_write_json(args.json or os.path.splitext(args.model)[0] + "-metrics.json", metrics)
+        stem = os.path.splitext(os.path.basename(args.model))[0]
+        atomic_write_json(args.json or os.path.join(args.run, stem + "-metrics.json"), metrics)
     else:
-        atomic_write_json(os.path.join(args.run, "metrics.json"), metrics)
+        path = os.path.join(args.run, "metrics.json")
+        metrics.update(_training_record(path))
+        atomic_write_json(path, metrics)
         if args.json:
             atomic_write_json(args.json, metrics)
     print(json.dumps(_headline(metrics), indent=2))
@@ -174,6 +225,7 @@ def _eval_image_folder(args) -> int:
         raise ValueError("--fid-ref applies to a run directory; for an image folder use --ref")
     if args.model:
         raise ValueError("--model applies to a run directory (a model file of that run), not to an image folder")
+    _check_counts(args)
     images = load_folder_images(args.run, args.resolution)
     if args.num:
         images = images[:args.num]
@@ -253,6 +305,8 @@ def _cmd_bench(args) -> int:
 def _cmd_ema(args) -> int:
     from fastonestep.engine.posthoc_ema import reconstruct
 
+    if not os.path.isdir(args.run):
+        raise FileNotFoundError(f"run directory '{args.run}' does not exist")
     if args.out and len(args.std) > 1:
         raise ValueError("--out names one file: give one --std with it")
     nimg = None if args.kimg is None else round(args.kimg * 1000)
@@ -276,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, parameter counts and a per-GPU memory estimate; train nothing")
-    t.add_argument("--gpus", type=int, default=1, help="--dry-run: number of GPUs for the memory estimate")
+    t.add_argument("--gpus", type=int, help="--dry-run: number of GPUs for the memory estimate (default 1)")
     t.add_argument("--no-activations", action="store_true", help="--dry-run: skip the activation estimate")
     t.set_defaults(fn=_cmd_train)
 
@@ -284,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=18, help="sampler steps for a (teacher) denoiser")
+    s.add_argument("--steps", type=int, help="sampler steps for a (teacher) denoiser (default 18)")
     s.add_argument("--out", help="PNG path (default samples.png)")
     s.add_argument("--npz", help="also save the raw samples to this .npz")
     s.add_argument("--vae", help="models of latents (data.kind=latent): local diffusers AutoencoderKL folder to decode with")
@@ -300,14 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="a run directory, or a folder of PNG/JPEG images")
     e.add_argument("--features", choices=("auto", "mnist", "inception", "raw"),
                    help="feature space of FD / PRDC / diversity (default: the run's eval.features, or auto)")
-    e.add_argument("--k", type=int, default=0, help="k of precision/recall/density/coverage (default 5)")
+    e.add_argument("--k", type=int, help="k of precision/recall/density/coverage (default 5)")
     e.add_argument("--ref", help="image folder: reference image folder or statistics .npz (default for 1x32x32: MNIST)")
     e.add_argument("--resolution", type=int, default=0, help="image folder: resize to this (default: first image)")
     e.add_argument("--save-stats", help="write the feature statistics (mu, sigma) of the samples/images to this .npz")
     e.add_argument("--json", help="also write the metrics to this JSON file")
     e.add_argument("--model", help="run directory: evaluate this model file of the run (e.g. a post-hoc EMA from "
                                    "`fastonestep ema`) instead of its EMA; metrics to --json or <model>-metrics.json")
-    e.add_argument("--num", type=int, default=0, help="number of samples (default: the run's eval.num_samples)")
+    e.add_argument("--num", type=int, help="number of samples (default: the run's eval.num_samples)")
     e.add_argument("--inception", help="local FID Inception weights file: adds the standard FID")
     e.add_argument("--fid-ref", help="reference statistics .npz (mu, sigma) for FID (default: training images)")
     e.set_defaults(fn=_cmd_eval)
@@ -364,7 +418,12 @@ def main(argv=None) -> int:
     from fastonestep.engine.checkpoint import CheckpointError
     from fastonestep.engine.stop import TrainingStopped
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra  # key=value after an option (`train P --out R train.steps=9`) is an override too
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         from fastonestep.data.errors import DataError
     except ImportError:  # pragma: no cover - data package always ships
@@ -376,7 +435,8 @@ def main(argv=None) -> int:
             raise
         print(f"fastonestep: error: {e}", file=sys.stderr)
         return 2
-    except TrainingStopped as e:
+    except TrainingStopped as e:  # every rank agreed to stop at the same step: the group can close
+        _close_process_group()
         print(f"fastonestep: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

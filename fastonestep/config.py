@@ -343,8 +343,11 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_yaml(path: str) -> dict:
+def load_yaml(path: str, _loading: tuple = ()) -> dict:
     """Reads a preset; `base: other.yaml` (relative to this file) is loaded first and updated."""
+    if os.path.realpath(path) in _loading:
+        chain = " -> ".join([*_loading, os.path.realpath(path)])
+        raise ConfigError(f"config file '{path}': its 'base:' chain loops ({chain})")
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' does not exist")
     with open(path, encoding="utf-8") as f:
@@ -356,7 +359,7 @@ def load_yaml(path: str) -> dict:
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     base = d.pop("base", None)
     if base:
-        d = _merge(load_yaml(os.path.join(os.path.dirname(path), base)), d)
+        d = _merge(load_yaml(os.path.join(os.path.dirname(path), base), (*_loading, os.path.realpath(path))), d)
     return d
 
 
@@ -529,7 +532,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def load_config(path: str | None = None, overrides=()) -> Config:
     d = load_yaml(path) if path else {}
-    return validate(from_dict(apply_overrides(d, overrides)))
+    cfg = validate(from_dict(apply_overrides(d, overrides)))
+    if cfg.teacher:  # as typed it means "from this directory": saved resolved, eval and resume work from anywhere
+        cfg.teacher = os.path.abspath(os.path.expanduser(cfg.teacher))
+    return cfg
 
 
 def save_config(cfg: Config, path: str) -> None:

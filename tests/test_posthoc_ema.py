@@ -185,7 +185,7 @@ def test_eval_scores_a_post_hoc_ema_in_place_of_the_runs_ema(posthoc_runs, tmp_p
     own = (run / "metrics.json").read_text()
     snapshot = list_snapshots(str(run))[-2].path  # std 0.05 at the end
     assert main(["eval", str(run), "--model", snapshot, "--num", "256"]) == 0
-    scored = json.loads(Path(snapshot.replace(".safetensors", "-metrics.json")).read_text())
+    scored = json.loads((run / Path(snapshot).name.replace(".safetensors", "-metrics.json")).read_text())
     assert scored["model"] == snapshot and (run / "metrics.json").read_text() == own
     assert main(["eval", str(run), "--num", "256", "--json", str(tmp_path / "ema.json")]) == 0
     by_ema = json.loads((tmp_path / "ema.json").read_text())

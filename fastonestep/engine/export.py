@@ -6,6 +6,7 @@ An exported file is self-contained: a distillation run can be moved away from it
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -55,6 +56,14 @@ def read_info(path: str) -> dict:
     if "fastonestep" not in meta:
         raise CheckpointError(f"model file '{path}' was not written by fastonestep (no 'fastonestep' metadata)")
     return json.loads(meta["fastonestep"])
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def model_path(path: str) -> str:

@@ -17,20 +17,22 @@ import yaml
 
 from fastonestep.config import Config, ConfigError, save_config, to_dict, flatten
 from fastonestep.data.loaders import make_loader, open_dataset
-from fastonestep.engine.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint
+from fastonestep.engine.checkpoint import atomic_write_json, list_checkpoints, load_latest_checkpoint
 from fastonestep.engine.distributed import make_backend
 from fastonestep.engine.evaluate import evaluate
 from fastonestep.engine.export import export_model, network_spec
 from fastonestep.engine.periodic_eval import eval_due, periodic_eval, truncate_eval_log
+from fastonestep.engine.rundir import claimed_run_dir
 from fastonestep.engine.stats import StatsLogger, truncate_stats
 from fastonestep.engine.stop import TrainingStopped, stop_requests
 from fastonestep.engine.tensorboard import tensorboard_log
 from fastonestep.methods import make_method
 from fastonestep.methods.distill import student_spec
 
-# Keys that may change between a run and its resume: how long and how verbosely, not what is trained.
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.device", "train.threads",
-                     "train.eval_every_kimg", "train.batch_per_gpu", "train.tensorboard",
+# Keys that may change between a run and its resume: how long and how verbosely, not what is trained. The
+# teacher's path may move: its weights are checked against the checkpoint's (DistillMethod.load_state_dict).
+RESUMABLE_CHANGES = ("teacher", "train.steps", "train.log_every", "train.checkpoint_every", "train.device",
+                     "train.threads", "train.eval_every_kimg", "train.batch_per_gpu", "train.tensorboard",
                      "train.activation_checkpointing", "train.ema_snapshot_kimg")
 
 
@@ -42,20 +44,37 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_same_run(cfg: Config, run_dir: str) -> None:
+def _saved_config(run_dir: str) -> dict | None:
+    """The flattened config.yaml of the run in `run_dir`; None when there is none."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
-        return
+        return None
     with open(path, encoding="utf-8") as f:
-        saved = flatten(yaml.safe_load(f) or {})
+        return flatten(yaml.safe_load(f) or {})
+
+
+def _check_same_run(cfg: Config, run_dir: str, saved: dict | None, source: str = "") -> None:
+    """Refuses to continue the run of `saved` (a flattened config) with other settings than the resumable ones;
+    `source` says where `saved` came from when it is not config.yaml."""
+    if saved is None:  # a fresh run, or a checkpoint written before the config was recorded in it
+        return
     current = flatten(to_dict(cfg))
     defaults = flatten(to_dict(Config()))  # a key added after the run was saved counts at its default value
     differ = sorted(k for k in set(saved) | set(current)
                     if saved.get(k, defaults.get(k)) != current.get(k) and k not in RESUMABLE_CHANGES
                     and not k.startswith("eval."))
     if differ:
-        raise ConfigError(f"run directory '{run_dir}' holds a run with a different config ({', '.join(differ)}); "
-                          "use another --out, or the same settings to resume")
+        where = f" (recorded in {source})" if source else ""
+        raise ConfigError(f"run directory '{run_dir}' holds a run with a different config ({', '.join(differ)})"
+                          f"{where}; use another --out, or the same settings to resume")
+
+
+def _check_steps_reach(cfg: Config, newest: tuple[int, str] | None) -> None:
+    """train.steps may grow on resume, never fall below the run's newest checkpoint: a model exported there
+    would be of a later step than its metrics say."""
+    if newest is not None and cfg.train.steps < newest[0]:
+        raise ConfigError(f"config key 'train.steps' is {cfg.train.steps} but the run has reached step {newest[0]} "
+                          f"(checkpoint '{newest[1]}'); use train.steps={newest[0]} or more, or another --out")
 
 
 def seed_everything(seed: int) -> None:
@@ -119,30 +138,39 @@ def model_info(cfg: Config, method, dataset) -> dict:
 
 def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
     """Every rank of a torchrun / deepspeed launch calls this; rank 0 alone writes files (config, stats,
-    checkpoints, exports, metrics) and evaluates, the others wait and return rank 0's metrics."""
+    checkpoints, exports, metrics) and evaluates, the others wait and return rank 0's metrics. Rank 0 holds the
+    run directory's lock throughout: a second training on it is refused."""
     backend = make_backend(cfg)  # distributed.backend; process group from the launcher environment
     backend.run_dir = run_dir
+    log = log if backend.is_main else (lambda *_: None)
+    with claimed_run_dir(run_dir, backend):
+        return _train(cfg, run_dir, backend, progress and backend.is_main, log)
+
+
+def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
     main = backend.is_main
-    log = log if main else (lambda *_: None)
-    progress = progress and main
-    os.makedirs(run_dir, exist_ok=True)
-    _check_same_run(cfg, run_dir)
     metrics_path = os.path.join(run_dir, "metrics.json")
+    saved_config = _saved_config(run_dir)
+    _check_same_run(cfg, run_dir, saved_config)
+    found = list_checkpoints(run_dir)
+    newest = found[-1] if found else None
+    _check_steps_reach(cfg, newest)
+    finished = newest is not None and newest[0] == cfg.train.steps and os.path.exists(metrics_path)
+    ckpt_path, state = None, None
+    if not finished or saved_config is None:  # a finished run is not read, unless for its config
+        ckpt_path, state = load_latest_checkpoint(run_dir, warn=log)
+    if saved_config is None and state is not None:  # config.yaml deleted: the checkpoint's copy decides
+        _check_same_run(cfg, run_dir, state.get("config"), f"checkpoint '{ckpt_path}'; config.yaml is missing")
+    if finished:  # nothing to restore, and config.yaml stays that of the run
+        backend.barrier()
+        log(f"run '{run_dir}' is complete ({newest[0]} steps); metrics in {metrics_path}")
+        with open(metrics_path, encoding="utf-8") as f:
+            return json.load(f)
     dataset, method = build(cfg, backend)
-    backend.barrier()  # every rank has compared the saved config before rank 0 rewrites it
-    if main:
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
 
     loader = make_loader(cfg, dataset, method.device, backend.rank, backend.world_size)
     try:
-        ckpt_path = latest_checkpoint(run_dir)
-        state = load_checkpoint(ckpt_path) if ckpt_path else None
         start = state["step"] if state else 0
-        if start >= cfg.train.steps and os.path.exists(metrics_path):  # done: nothing to restore
-            backend.barrier()
-            log(f"run '{run_dir}' is complete ({start} steps); metrics in {metrics_path}")
-            with open(metrics_path, encoding="utf-8") as f:
-                return json.load(f)
         if state:
             try:
                 method.load_state_dict(state["method"])
@@ -154,7 +182,9 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
         if main:  # also on a fresh start: lines of an attempt that never checkpointed
             truncate_stats(run_dir, start)
             truncate_eval_log(run_dir, start)
-        backend.barrier()
+        backend.barrier()  # every rank has checked the saved config and restored its state
+        if main:  # only now: a refused or failed start leaves the run's config.yaml as it was
+            save_config(cfg, os.path.join(run_dir, "config.yaml"))
 
         log(f"parameters: {method.parameter_counts}")
         # TensorBoard lives as long as the steps: closed (flushed) after the last one, or when a step raises.
@@ -170,7 +200,8 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
                 with method.ema.gathered(), method.posthoc.gathered():
                     backend.save_checkpoint(run_dir, done, lambda: {
                         "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
-                        **default_rng_state(method.device), "stats": pending})
+                        **default_rng_state(method.device), "stats": pending,
+                        "config": flatten(to_dict(cfg))})  # checked on resume should config.yaml be deleted
                 stats.exclude(0.0)  # its time counts as training, its memory peak (the assembled EMA) does not
 
             bar = _progress_bar(start, cfg.train.steps, progress)

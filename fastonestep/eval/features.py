@@ -66,6 +66,16 @@ def resolve_kind(kind: str, data_shape, inception: str = "") -> str | None:
     return kind
 
 
+def check_eval_settings(eval_cfg, data_shape) -> None:
+    """Raises now what evaluation would raise after training: a feature space that cannot work for this data,
+    reference statistics that cannot be read or have the wrong dimension."""
+    resolve_kind(eval_cfg.features, data_shape, eval_cfg.inception)
+    if eval_cfg.inception and eval_cfg.fid_ref:
+        from fastonestep.eval.inception import FEATURE_DIM
+
+        load_reference_stats(eval_cfg.fid_ref, FEATURE_DIM)
+
+
 @functools.lru_cache(maxsize=4)
 def _inception_model(path: str, device: str):
     from .inception import load_inception

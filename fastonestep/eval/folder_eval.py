@@ -26,8 +26,11 @@ def _first_image_side(path: str) -> int:
     files = _find_images(path)
     if not files:
         raise DataError(f"image folder {path!r} holds no PNG/JPEG files")
-    with Image.open(files[0]) as img:
-        return min(img.size)
+    try:
+        with Image.open(files[0]) as img:
+            return min(img.size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {files[0]!r}: {err}") from err
 
 
 def load_folder_images(path: str, resolution: int = 0, channels: int | None = None) -> torch.Tensor:

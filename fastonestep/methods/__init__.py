@@ -1,6 +1,7 @@
 """Training methods, one module each. A method owns its networks, optimisers, EMA and RNG and says which
 network trains on which loss in each phase of its `step`."""
 from fastonestep.config import ConfigError
+from fastonestep.eval.features import check_eval_settings
 from fastonestep.methods.backward import BackwardDistillation
 from fastonestep.methods.base import Method
 from fastonestep.methods.diffratio import DiffRatio
@@ -15,6 +16,7 @@ METHODS = {"edm": EDMPretrain, "diffratio": DiffRatio, "dmd": DMD, "dpdmd": DPDM
 
 def make_method(cfg, dataset, device, backend=None) -> Method:
     """`backend` (fastonestep.engine.distributed): None = the single-process backend."""
+    check_eval_settings(cfg.eval, dataset.shape)  # before training, not after it
     method = _construct(cfg, dataset, device, backend)
     trained = method.backend.trainables
     if cfg.train.activation_checkpointing and not any(checkpointable_blocks(t.network) for t in trained.values()):

@@ -16,9 +16,17 @@ import torch
 from torch import nn
 
 from fastonestep.diffusion.samplers import edm_sample
-from fastonestep.engine.export import load_model
+from fastonestep.config import ConfigError
+from fastonestep.engine.export import file_sha256, load_model, model_path
 from fastonestep.methods.base import Method
 from fastonestep.networks.build import set_dropout
+
+
+def missing_teacher_message(teacher: str, path: str) -> str:
+    what = f"'{teacher}' has no model.safetensors (is the teacher run finished?)" if os.path.isdir(teacher) \
+        else f"'{teacher}' does not exist"
+    return (f"config key 'teacher': {what}; train a teacher first (e.g. `fastonestep train configs/toy2d/edm.yaml "
+            "--out runs/edm`) and pass teacher=RUN_DIR")
 
 
 def student_spec(teacher_spec: dict, dropout: float) -> dict:
@@ -35,12 +43,22 @@ class DistillMethod(Method):
     # -- the teacher ----------------------------------------------------------------------------------------
     def load_teacher(self) -> nn.Module:
         """The teacher denoiser (eval mode); sets teacher_info and sigma_data, checks it fits the run."""
-        teacher, self.teacher_info = load_model(self.cfg.teacher, self.device)
+        path = model_path(self.cfg.teacher)
+        if not os.path.exists(path):
+            raise ConfigError(missing_teacher_message(self.cfg.teacher, path))
+        teacher, self.teacher_info = load_model(path, self.device)
         self.check_teacher()
+        # What the run is distilled from, by content: checked on resume (the path may move, the weights not)
+        self.teacher_sha256 = file_sha256(path)
         self.sigma_data = self.teacher_info["sigma_data"]
         return teacher
 
     def check_teacher(self) -> None:
+        role = self.teacher_info.get("role", "denoiser")
+        if role != "denoiser":
+            raise ConfigError(f"config key 'teacher': '{self.cfg.teacher}' is a {role} network of a "
+                              f"'{self.teacher_info.get('method', '?')}' run, not a denoiser; the teacher is the "
+                              "model of a teacher run (method=edm)")
         shape, classes = tuple(self.teacher_info["data_shape"]), self.teacher_info["num_classes"]
         if shape != tuple(self.dataset.shape):
             raise ValueError(f"teacher '{self.cfg.teacher}' was trained on data of shape {shape}, "
@@ -48,6 +66,17 @@ class DistillMethod(Method):
         if classes != self.num_classes:
             raise ValueError(f"teacher '{self.cfg.teacher}' has num_classes={classes}, the run has "
                              f"{self.num_classes} (config key 'data.class_conditional')")
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "teacher_sha256": self.teacher_sha256}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("teacher_sha256")  # absent: a checkpoint from before it was recorded
+        if saved is not None and saved != self.teacher_sha256:
+            raise ValueError(f"the teacher '{self.cfg.teacher}' is not the one this run was trained from (its "
+                             f"weights have sha256 {self.teacher_sha256[:12]}..., the run's teacher "
+                             f"{saved[:12]}...); resume with that teacher, or start a new run with another --out")
+        super().load_state_dict(state)
 
     @staticmethod
     def frozen_teacher(teacher: nn.Module) -> nn.Module:
