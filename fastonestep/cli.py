@@ -40,9 +40,12 @@ def _cmd_train(args) -> int:
 def _close_process_group() -> None:
     """Before the interpreter exits: left to static destruction, gloo's threads can abort the process (SIGABRT,
     "terminate called without an active exception") after a run that succeeded."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # the run's DDP modules hold the group: freed in a cycle, not at train()'s return
         dist.destroy_process_group()
 
 
