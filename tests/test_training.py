@@ -1,14 +1,16 @@
 """Training runs on the 2-D toy: resume equals an uninterrupted run, a crash mid-run resumes cleanly,
 DiffRatio measurably improves on its initialisation, and the generator gradient matches its formula."""
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import CONFIGS, TOY_STUDENT, TOY_TEACHER
-from fastonestep.config import load_config
+from fastonestep.config import ConfigError, load_config
 from fastonestep.engine import loader as loader_mod
+from fastonestep.engine.checkpoint import load_checkpoint
 from fastonestep.engine.loop import build, train
 
 QUIET = dict(progress=False, log=lambda *_: None)
@@ -78,6 +80,98 @@ def test_changed_config_is_refused(tmp_path):
     train(teacher_cfg("train.steps=5", "eval.num_samples=100"), str(tmp_path), **QUIET)
     with pytest.raises(ValueError, match="different config.*optim.lr"):
         train(teacher_cfg("train.steps=5", "optim.lr=0.1"), str(tmp_path), **QUIET)
+
+
+SHORT = ["train.checkpoint_every=5", "eval.num_samples=100", "eval.batch_size=100"]
+
+
+def test_a_changed_config_is_refused_from_the_checkpoint_when_config_yaml_is_gone(tmp_path):
+    """The checkpoint records the config: deleting config.yaml does not let another config resume the run."""
+    train(teacher_cfg("train.steps=5", *SHORT), str(tmp_path), **QUIET)
+    (tmp_path / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"different config \(optim.lr\) \(recorded in checkpoint "
+                                          r"'.*checkpoint-00000005.pt'; config.yaml is missing\)"):
+        train(teacher_cfg("train.steps=10", *SHORT, "optim.lr=0.1"), str(tmp_path), **QUIET)
+    assert not (tmp_path / "config.yaml").exists()
+    train(teacher_cfg("train.steps=10", *SHORT), str(tmp_path), **QUIET)  # the same settings resume
+    assert (tmp_path / "config.yaml").exists()
+
+
+def test_train_steps_below_the_newest_checkpoint_are_refused(tmp_path):
+    """A run at step 10 re-run with train.steps=7 would export the step-10 model as a 7-step one: refused,
+    naming the key, the step and the file; the run's files stay as they were. Equal steps report the metrics."""
+    done = train(teacher_cfg("train.steps=10", *SHORT), str(tmp_path), **QUIET)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"'train.steps' is 7 but the run has reached step 10 "
+                                          r"\(checkpoint '.*checkpoint-00000010.pt'\)"):
+        train(teacher_cfg("train.steps=7", *SHORT), str(tmp_path), **QUIET)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files
+    assert train(teacher_cfg("train.steps=10", *SHORT), str(tmp_path), **QUIET) == done
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files  # config.yaml too
+
+
+def test_a_failed_start_writes_no_config_and_leaves_no_directory(tmp_path, monkeypatch):
+    """config.yaml is written once every check passed and the state is restored: a start that fails before (here
+    a config error of the data loader) neither leaves a config that would refuse the corrected command, nor the
+    empty run directory it created."""
+    from fastonestep.engine import loop
+
+    def bad_loader(*args, **kwargs):
+        raise ConfigError("config key 'data.workers' is bad")
+
+    run = tmp_path / "run"
+    real_loader = loop.make_loader
+    monkeypatch.setattr(loop, "make_loader", bad_loader)
+    with pytest.raises(ConfigError, match="data.workers"):
+        train(teacher_cfg("train.steps=5", *SHORT, "optim.lr=0.1"), str(run), **QUIET)
+    assert not (run / "config.yaml").exists()
+    assert not run.exists()
+    monkeypatch.setattr(loop, "make_loader", real_loader)
+    train(teacher_cfg("train.steps=5", *SHORT), str(run), **QUIET)  # the corrected command
+    assert "lr: 0.1" not in (run / "config.yaml").read_text()
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_older_one(tmp_path):
+    """Checkpoint 10 corrupted (bytes flipped, size unchanged) before the run's export: the re-run warns, naming
+    it, resumes from checkpoint 5 and ends with the uninterrupted run's weights."""
+    cfg = teacher_cfg("train.steps=10", *SHORT)
+    train(cfg, str(tmp_path / "full"), **QUIET)
+    run = tmp_path / "damaged"
+    train(cfg, str(run), **QUIET)
+    (run / "metrics.json").unlink()  # as if killed before the export
+    ckpt = run / "checkpoint-00000010.pt"
+    rng_bytes = load_checkpoint(str(ckpt))["torch_rng"].numpy().tobytes()[64:96]  # in the middle of a tensor
+    data = bytearray(ckpt.read_bytes())
+    at = data.index(rng_bytes)
+    data[at:at + 4] = bytes(255 - b for b in data[at:at + 4])
+    ckpt.write_bytes(bytes(data))
+    logged = []
+    train(cfg, str(run), progress=False, log=logged.append)
+    assert any("warning" in line and str(ckpt) in line and "checkpoint-00000005.pt" in line for line in logged)
+    assert_same_weights(tmp_path / "full", run)
+    assert load_checkpoint(str(ckpt))["step"] == 10  # written again, whole
+    assert [r["step"] for r in stats_rows(run)] == [10]
+
+
+def test_a_second_training_on_the_same_run_directory_is_refused(tmp_path):
+    """Rank 0 holds an flock on run_dir/.lock for the whole train() call (here: held by this process through
+    another open file description, as a second process would)."""
+    from fastonestep.engine.rundir import RunDirectoryInUse, RunLock
+
+    other = RunLock(str(tmp_path))
+    with pytest.raises(RunDirectoryInUse, match=rf"is in use by another process \(pid {os.getpid()}\)"):
+        train(teacher_cfg("train.steps=5", *SHORT), str(tmp_path), **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing written
+    other.release()
+    train(teacher_cfg("train.steps=5", *SHORT), str(tmp_path), **QUIET)
+    RunLock(str(tmp_path)).release()  # released when train() returned
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed_on_start(tmp_path):
+    (tmp_path / ".tmp-k1ll3d_x-checkpoint-00000005.pt").write_bytes(b"partial")
+    (tmp_path / ".tmp-abcdefgh-stats.jsonl").write_text("{}")
+    train(teacher_cfg("train.steps=5", *SHORT), str(tmp_path), **QUIET)
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_teacher_learns_the_toy(toy_teacher):

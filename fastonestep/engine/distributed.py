@@ -224,6 +224,7 @@ class DeepSpeedTrainable(Trainable):
         self.stage = config["zero_optimization"]["stage"]
         self.bf16 = config.get("bf16", {}).get("enabled", False)
         self._tag = None
+        self._files = None  # {file: size} of the last published checkpoint directory
         self._master_slices = {}  # part -> master_slices(part)
         self._forced_norm = zero_weight_norm.forced_norm_layers(self.network)  # EDM2 layers (unit-RMS rows)
         zero_weight_norm.attach(self._forced_norm, backend.rank)
@@ -299,25 +300,56 @@ class DeepSpeedTrainable(Trainable):
         for entry in os.listdir(base):  # tag directories only (DeepSpeed also copies its zero_to_fp32.py here)
             if _TAG_RE.match(entry) and entry not in keep:
                 shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
+        self._files = shard_files(final)  # recorded in the checkpoint: a resume checks the directory is whole
 
     def state_dict(self):
         if self._tag is None:
             raise RuntimeError(f"DeepSpeed engine '{self.name}': save_shards must run before state_dict")
-        return {"deepspeed": {"dir": os.path.join(DEEPSPEED_DIR, self.name), "tag": self._tag}}
+        return {"deepspeed": {"dir": os.path.join(DEEPSPEED_DIR, self.name), "tag": self._tag,
+                              "files": self._files}}
 
     def load_state_dict(self, state):
         if "deepspeed" not in state:
             raise CheckpointError(f"the '{self.name}' state of this checkpoint was written by a torch optimiser "
                                   "(distributed.backend single/ddp); resume it with the same backend")
         ref = state["deepspeed"]
-        path, _ = self.engine.load_checkpoint(os.path.join(self.backend.run_dir, ref["dir"]), tag=ref["tag"],
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        directory = os.path.join(self.backend.run_dir, ref["dir"], ref["tag"])
+        check_shard_files(directory, ref.get("files"))  # absent: a checkpoint written before they were recorded
+        try:
+            path, _ = self.engine.load_checkpoint(os.path.join(self.backend.run_dir, ref["dir"]), tag=ref["tag"],
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        except Exception as e:  # a damaged shard: DeepSpeed's error would not say which checkpoint
+            raise CheckpointError(f"DeepSpeed checkpoint '{directory}' cannot be loaded: {e}") from None
         if path is None:
-            raise CheckpointError(f"DeepSpeed checkpoint '{ref['dir']}/{ref['tag']}' in '{self.backend.run_dir}' "
-                                  "cannot be loaded")
+            raise CheckpointError(f"DeepSpeed checkpoint '{directory}' cannot be loaded (missing or incomplete)")
         self._tag = ref["tag"]
         self._master_slices = {}  # the load may have replaced the optimizer's buffers
         zero_weight_norm.mark_stale(self._forced_norm)
+
+
+def shard_files(directory: str) -> dict[str, int]:
+    """{path relative to `directory`: size} of every file DeepSpeed wrote for one checkpoint tag."""
+    found = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, directory)] = os.path.getsize(path)
+    return found
+
+
+def check_shard_files(directory: str, recorded: dict[str, int] | None) -> None:
+    """Every file recorded when the checkpoint was written is there at its size: a partial copy or a truncated
+    shard is named before DeepSpeed reads it. (Sizes, not checksums: hashing every optimizer shard at every
+    checkpoint would cost seconds per GB.)"""
+    if recorded is None:
+        return
+    for name, size in sorted(recorded.items()):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"DeepSpeed checkpoint '{directory}' is incomplete: '{name}' is missing")
+        if os.path.getsize(path) != size:
+            raise CheckpointError(f"DeepSpeed checkpoint '{directory}' is damaged: '{name}' has "
+                                  f"{os.path.getsize(path)} bytes, {size} when it was written")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,7 +428,8 @@ class Backend:
             t.save_shards(run_dir, step)
         self.barrier()
         if self.is_main:  # state_dict() holds no collective: rank 0 alone builds and writes it
-            kept = [s for s, _ in list_checkpoints(run_dir)][-1:]  # the older one that stays beside this one
+            # the older one that stays beside this one (newer ones: damaged files this run resumed past)
+            kept = [s for s, _ in list_checkpoints(run_dir) if s < step][-1:]
             for t in self.trainables.values():
                 t.publish_shards(run_dir, step, kept)
             save_checkpoint(run_dir, step, make_state())

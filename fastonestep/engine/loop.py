@@ -53,7 +53,15 @@ def _saved_config(run_dir: str) -> dict | None:
         return flatten(yaml.safe_load(f) or {})
 
 
-def _check_same_run(cfg: Config, run_dir: str, saved: dict | None, source: str = "") -> None:
+def _check_same_run(cfg: Config, run_dir: str) -> dict | None:
+    """Refuses another config than the one in run_dir/config.yaml (resumable keys aside); returns that config,
+    flattened (None when there is none)."""
+    saved = _saved_config(run_dir)
+    _check_same_config(cfg, run_dir, saved)
+    return saved
+
+
+def _check_same_config(cfg: Config, run_dir: str, saved: dict | None, source: str = "") -> None:
     """Refuses to continue the run of `saved` (a flattened config) with other settings than the resumable ones;
     `source` says where `saved` came from when it is not config.yaml."""
     if saved is None:  # a fresh run, or a checkpoint written before the config was recorded in it
@@ -143,15 +151,14 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
     backend = make_backend(cfg)  # distributed.backend; process group from the launcher environment
     backend.run_dir = run_dir
     log = log if backend.is_main else (lambda *_: None)
-    with claimed_run_dir(run_dir, backend):
+    with claimed_run_dir(run_dir, backend, log):
         return _train(cfg, run_dir, backend, progress and backend.is_main, log)
 
 
 def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
     main = backend.is_main
     metrics_path = os.path.join(run_dir, "metrics.json")
-    saved_config = _saved_config(run_dir)
-    _check_same_run(cfg, run_dir, saved_config)
+    saved_config = _check_same_run(cfg, run_dir)
     found = list_checkpoints(run_dir)
     newest = found[-1] if found else None
     _check_steps_reach(cfg, newest)
@@ -160,7 +167,7 @@ def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
     if not finished or saved_config is None:  # a finished run is not read, unless for its config
         ckpt_path, state = load_latest_checkpoint(run_dir, warn=log)
     if saved_config is None and state is not None:  # config.yaml deleted: the checkpoint's copy decides
-        _check_same_run(cfg, run_dir, state.get("config"), f"checkpoint '{ckpt_path}'; config.yaml is missing")
+        _check_same_config(cfg, run_dir, state.get("config"), f"checkpoint '{ckpt_path}'; config.yaml is missing")
     if finished:  # nothing to restore, and config.yaml stays that of the run
         backend.barrier()
         log(f"run '{run_dir}' is complete ({newest[0]} steps); metrics in {metrics_path}")

@@ -17,6 +17,7 @@ import torch
 
 from fastonestep.engine.checkpoint import atomic_write_text
 from fastonestep.engine.evaluate import generate, sample_metrics
+from fastonestep.engine.stats import read_log_lines, truncate_log
 
 EVAL_LOG = "eval.jsonl"
 
@@ -29,30 +30,19 @@ def eval_due(done: int, batch_size: int, every_kimg: float) -> bool:
     return math.floor(done * batch_size / every) > math.floor((done - 1) * batch_size / every)
 
 
-def _read_lines(path: str) -> list[str]:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [ln if ln.endswith("\n") else ln + "\n" for ln in f if ln.strip()]
-
-
 def append_eval_line(run_dir: str, row: dict) -> None:
     """Adds one JSON line, rewriting the (small) file atomically: a crash leaves the old or the new file."""
     path = os.path.join(run_dir, EVAL_LOG)
-    atomic_write_text(path, "".join(_read_lines(path)) + json.dumps(row) + "\n")
+    atomic_write_text(path, "".join(read_log_lines(path)) + json.dumps(row) + "\n")
 
 
 def truncate_eval_log(run_dir: str, step: int) -> None:
     """On resume (or a fresh start), drops the lines of steps after `step`."""
-    path = os.path.join(run_dir, EVAL_LOG)
-    lines = _read_lines(path)
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(kept))
+    truncate_log(os.path.join(run_dir, EVAL_LOG), step)
 
 
 def read_eval_log(run_dir: str) -> list[dict]:
-    return [json.loads(ln) for ln in _read_lines(os.path.join(run_dir, EVAL_LOG))]
+    return [json.loads(ln) for ln in read_log_lines(os.path.join(run_dir, EVAL_LOG))]
 
 
 def periodic_eval(method, dataset, cfg, run_dir: str, step: int, nimg: int) -> tuple[dict, torch.Tensor]:

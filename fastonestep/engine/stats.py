@@ -119,15 +119,44 @@ class StatsLogger:
         return packed[:n], packed[n:2 * n], packed[2 * n:]
 
 
-def truncate_stats(run_dir: str, step: int) -> None:
-    """On resume, drops log lines written after the checkpoint, so stats.jsonl matches the resumed run."""
-    path = os.path.join(run_dir, "stats.jsonl")
+def _log_lines(path: str) -> tuple[str, list[str]]:
+    """(text, lines) of JSON-lines log `path`: its lines that hold JSON, each ending in a newline. A torn last
+    line (no newline: the process was killed while appending it) is left out; any other bad line is an error
+    naming the file and line."""
     if not os.path.exists(path):
-        return
+        return "", []
     with open(path, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    if len(kept) != len(lines):
+        text = f.read()
+    raw = text.splitlines(keepends=True)
+    lines = []
+    for number, line in enumerate(raw, 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except ValueError as e:
+            if number == len(raw) and not line.endswith("\n"):
+                break
+            raise ValueError(f"log file '{path}' line {number} is not valid JSON ({e}); delete that line to "
+                             "go on") from None
+        lines.append(line if line.endswith("\n") else line + "\n")
+    return text, lines
+
+
+def read_log_lines(path: str) -> list[str]:
+    return _log_lines(path)[1]
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Drops the lines of steps after `step` (and a torn last line) from JSON-lines log `path`, atomically."""
+    text, lines = _log_lines(path)
+    kept = "".join(ln for ln in lines if json.loads(ln).get("step", 0) <= step)
+    if kept != text:
         from fastonestep.engine.checkpoint import atomic_write_text
 
-        atomic_write_text(path, "".join(kept))
+        atomic_write_text(path, kept)
+
+
+def truncate_stats(run_dir: str, step: int) -> None:
+    """On resume, drops log lines written after the checkpoint, so stats.jsonl matches the resumed run."""
+    truncate_log(os.path.join(run_dir, "stats.jsonl"), step)
