@@ -4,8 +4,8 @@
 // The autograd formula (registered from Python, fastonestep/kernels/ext.py) only scales that gradient by
 // grad_output. Inputs are flattened to (B, N) rows (B = size(0)); float, double, half and bfloat16 are
 // accepted, arithmetic is done in at::opmath_type (fp32 for fp32/half/bf16, fp64 for fp64) and the CPU row
-// sums accumulate in double. Losses come back in fp32 (fp64 for fp64 inputs); gradients in the input dtype,
-// contiguous, shaped like the input. Rows are processed in parallel with at::parallel_for; cross-row sums
+// sums accumulate in double. Losses come back in fp32 (fp64 for fp64 inputs); gradients in the input dtype
+// (fp32 for fp16 inputs: op_checks.h, grad_dtype), contiguous, shaped like the input. Rows are processed in parallel with at::parallel_for; cross-row sums
 // are done serially afterwards, so results do not depend on the thread count.
 //
 // The CUDA kernels of the same ops are in fused_losses_cuda.cu.
@@ -38,6 +38,8 @@ int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int6
 
 using checks::acc_dtype;
 using checks::check_like;
+using checks::grad_dtype;
+using checks::grad_type;
 
 void check_rows(const at::Tensor& t, const char* op, const char* name) {
   checks::check_rows(t, c10::DeviceType::CPU, op, name);
@@ -85,15 +87,16 @@ std::tuple<at::Tensor, at::Tensor> denoising_loss_fwd_cpu(const at::Tensor& F_, 
   const auto acc = acc_dtype(F.scalar_type());
   const auto sigma = per_sample(sigma_, B, acc, op, "sigma");
   auto loss = F.new_empty({B}, F.options().dtype(acc));
-  auto grad = F.new_empty(F.sizes(), F.options());
+  auto grad = F.new_empty(F.sizes(), F.options().dtype(grad_dtype(F.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(), "denoising_loss_fwd_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    using grad_t = grad_type<scalar_t>;
     const scalar_t* pF = F.const_data_ptr<scalar_t>();
     const scalar_t* pxt = x_t.const_data_ptr<scalar_t>();
     const scalar_t* px0 = x0.const_data_ptr<scalar_t>();
     const opmath_t* ps = sigma.const_data_ptr<opmath_t>();
     opmath_t* pl = loss.data_ptr<opmath_t>();
-    scalar_t* pg = grad.data_ptr<scalar_t>();
+    grad_t* pg = grad.data_ptr<grad_t>();
     const opmath_t sd = static_cast<opmath_t>(sigma_data), sd2 = sd * sd;
     at::parallel_for(0, B, row_grain(N), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -106,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> denoising_loss_fwd_cpu(const at::Tensor& F_, 
           const opmath_t d = c_skip * static_cast<opmath_t>(pxt[o + j]) + c_out * static_cast<opmath_t>(pF[o + j]) -
                              static_cast<opmath_t>(px0[o + j]);
           sum += static_cast<double>(d) * static_cast<double>(d);
-          pg[o + j] = static_cast<scalar_t>(gscale * d);
+          pg[o + j] = static_cast<grad_t>(gscale * d);
         }
         pl[b] = lam * static_cast<opmath_t>(sum / static_cast<double>(N));
       }
@@ -120,26 +123,27 @@ std::tuple<at::Tensor, at::Tensor> denoising_loss_fwd_cpu(const at::Tensor& F_, 
 // NaN/Inf are zeroed (value and gradient), as in reference._finite_rows.
 
 // Writes g * inv_numel for row b given the per-element direction g(j); returns (sum g^2, row finite).
-template <typename scalar_t, typename opmath_t, typename G>
-std::pair<double, bool> write_row(scalar_t* out, int64_t N, opmath_t inv_numel, const G& g_of) {
+template <typename grad_t, typename opmath_t, typename G>
+std::pair<double, bool> write_row(grad_t* out, int64_t N, opmath_t inv_numel, const G& g_of) {
   double sq = 0.0;
   bool finite = true;
   for (int64_t j = 0; j < N; ++j) {
     const opmath_t g = g_of(j);
     finite = finite && std::isfinite(g);
     sq += static_cast<double>(g) * static_cast<double>(g);
-    out[j] = static_cast<scalar_t>(g * inv_numel);
+    out[j] = static_cast<grad_t>(g * inv_numel);
   }
   if (!finite) {
-    std::fill(out, out + N, static_cast<scalar_t>(0));
+    std::fill(out, out + N, static_cast<grad_t>(0));
     sq = 0.0;
   }
   return {sq, finite};
 }
 
-// A 0-d tensor of dtype acc on like's device.
+// A 0-d tensor of dtype acc on like's device. Made in double and cast: a sum beyond fp32's range becomes inf, as in
+// the fp32 reference (new_full in fp32 refuses such a value, e.g. an fkl loss with clamp=inf and large logits).
 at::Tensor scalar_like(const at::Tensor& like, double value, at::ScalarType acc) {
-  return like.new_full({}, value, like.options().dtype(acc));
+  return like.new_full({}, value, like.options().dtype(at::kDouble)).to(acc);
 }
 
 at::Tensor surrogate_value(const at::Tensor& like, const std::vector<double>& row_sq, int64_t numel,
@@ -160,14 +164,15 @@ std::tuple<at::Tensor, at::Tensor> dmd_loss_fwd_cpu(const at::Tensor& x_, const 
   const auto x = x_.contiguous(), xr = xr_.contiguous(), xf = xf_.contiguous();
   const int64_t B = x.size(0), N = B > 0 ? x.numel() / B : 0;
   const auto acc = acc_dtype(x.scalar_type());
-  auto grad = x.new_empty(x.sizes(), x.options());
+  auto grad = x.new_empty(x.sizes(), x.options().dtype(grad_dtype(x.scalar_type())));
   std::vector<double> row_sq(B, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dmd_loss_fwd_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    using grad_t = grad_type<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pr = xr.const_data_ptr<scalar_t>();
     const scalar_t* pf = xf.const_data_ptr<scalar_t>();
-    scalar_t* pg = grad.data_ptr<scalar_t>();
+    grad_t* pg = grad.data_ptr<grad_t>();
     const opmath_t inv_numel = opmath_t(1) / static_cast<opmath_t>(x.numel());
     at::parallel_for(0, B, row_grain(N), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -189,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> dmd_loss_fwd_cpu(const at::Tensor& x_, const 
 }
 
 // ratio_generator_loss: g_i = w_i h(exp(-logit_i)) logit_grad_i / (mean|logit_grad_i| + eps) (design 4.1(b)).
-// x only gives the gradient's shape (its values are not read); the gradient has logit_grad's dtype.
+// x only gives the gradient's shape (its values are not read); the gradient has logit_grad's dtype (grad_dtype).
 // divergence: 0 rkl, 1 dijs, 2 fkl, 3 hellinger.
 std::tuple<at::Tensor, at::Tensor> ratio_generator_loss_fwd_cpu(const at::Tensor& x, const at::Tensor& lg_,
                                                                  const at::Tensor& logits_,
@@ -208,14 +213,15 @@ std::tuple<at::Tensor, at::Tensor> ratio_generator_loss_fwd_cpu(const at::Tensor
   const auto logits = per_sample(logits_, B, acc, op, "logits");
   std::optional<at::Tensor> weight;
   if (weight_.has_value() && weight_->defined()) weight = per_sample(*weight_, B, acc, op, "weight");
-  auto grad = lg.new_empty(x.sizes(), lg.options());
+  auto grad = lg.new_empty(x.sizes(), lg.options().dtype(grad_dtype(lg.scalar_type())));
   std::vector<double> row_sq(B, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lg.scalar_type(), "ratio_generator_loss_fwd_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    using grad_t = grad_type<scalar_t>;
     const scalar_t* pv = lg.const_data_ptr<scalar_t>();
     const opmath_t* pl = logits.const_data_ptr<opmath_t>();
     const opmath_t* pw = weight.has_value() ? weight->const_data_ptr<opmath_t>() : nullptr;
-    scalar_t* pg = grad.data_ptr<scalar_t>();
+    grad_t* pg = grad.data_ptr<grad_t>();
     const opmath_t inv_numel = opmath_t(1) / static_cast<opmath_t>(lg.numel());
     const opmath_t clamp_v = static_cast<opmath_t>(clamp);
     at::parallel_for(0, B, row_grain(N), [&](int64_t b0, int64_t b1) {
@@ -252,16 +258,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ratio_classifier_loss_fwd_cpu(
   const auto acc = acc_dtype(gen.scalar_type());
   std::optional<at::Tensor> weight;
   if (weight_.has_value() && weight_->defined()) weight = per_sample(*weight_, M, acc, op, "weight");
-  auto grad_gen = gen.new_empty(gen.sizes(), gen.options());
-  auto grad_real = real.new_empty(real.sizes(), real.options());
+  auto grad_gen = gen.new_empty(gen.sizes(), gen.options().dtype(grad_dtype(gen.scalar_type())));
+  auto grad_real = real.new_empty(real.sizes(), real.options().dtype(grad_dtype(real.scalar_type())));
   double total = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gen.scalar_type(), "ratio_classifier_loss_fwd_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    using grad_t = grad_type<scalar_t>;
     const scalar_t* pg = gen.const_data_ptr<scalar_t>();
     const scalar_t* pr = real.const_data_ptr<scalar_t>();
     const opmath_t* pw = weight.has_value() ? weight->const_data_ptr<opmath_t>() : nullptr;
-    scalar_t* og = grad_gen.data_ptr<scalar_t>();
-    scalar_t* orl = grad_real.data_ptr<scalar_t>();
+    grad_t* og = grad_gen.data_ptr<grad_t>();
+    grad_t* orl = grad_real.data_ptr<grad_t>();
     const opmath_t inv_m = opmath_t(1) / static_cast<opmath_t>(M);
     // Fixed-size chunks summed serially afterwards: the value does not depend on the thread count.
     constexpr int64_t kChunk = 4096;
@@ -274,8 +281,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ratio_classifier_loss_fwd_cpu(
           const opmath_t lgv = static_cast<opmath_t>(pg[i]), lrv = static_cast<opmath_t>(pr[i]);
           const opmath_t w = pw != nullptr ? pw[i] : opmath_t(1);
           sum += static_cast<double>(w * (softplus(-lgv) + softplus(lrv)));
-          og[i] = static_cast<scalar_t>(-w * softplus_grad(-lgv) * inv_m);
-          orl[i] = static_cast<scalar_t>(w * softplus_grad(lrv) * inv_m);
+          og[i] = static_cast<grad_t>(-w * softplus_grad(-lgv) * inv_m);
+          orl[i] = static_cast<grad_t>(w * softplus_grad(lrv) * inv_m);
         }
         part[c] = sum;
       }

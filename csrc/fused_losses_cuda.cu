@@ -10,7 +10,8 @@
 // not nvcc's code generation nor the GPU memory model). Launches must keep the form kernel<<<...>>>(args).
 //
 // Same contract as the CPU kernels: inputs are contiguous (B, N) rows; arithmetic and accumulation in
-// at::opmath_type (fp32 for fp32/half/bf16, fp64 for fp64); the loss and the gradient come from one pass.
+// at::opmath_type (fp32 for fp32/half/bf16, fp64 for fp64); the loss and the gradient come from one pass; the
+// gradient is written in grad_t (the input dtype, fp32 for fp16: op_checks.h, grad_dtype).
 // Each row is cut into chunks of kChunk elements with one block per (row, chunk), so a few large samples still
 // fill the GPU. Blocks reduce with warp shuffles and a shared-memory step and write one partial each; small
 // finalize kernels sum the partials in a fixed order, so results are deterministic (no atomics). The surrogate
@@ -125,10 +126,10 @@ __device__ __forceinline__ T softplus_grad(T x) {
 
 // ------------------------------------------------------------------------------------------------ kernels
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename grad_t>
 __global__ void __launch_bounds__(kThreads) denoising_kernel(
     const scalar_t* __restrict__ F, const scalar_t* __restrict__ x_t, const scalar_t* __restrict__ x0,
-    const acc_t* __restrict__ sigma, acc_t sd, int64_t N, int64_t chunks, scalar_t* __restrict__ grad,
+    const acc_t* __restrict__ sigma, acc_t sd, int64_t N, int64_t chunks, grad_t* __restrict__ grad,
     acc_t* __restrict__ partial) {
   __shared__ acc_t shared[kWarps];
   const Span sp = block_span(N, chunks);
@@ -141,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) denoising_kernel(
     const acc_t d = c_skip * static_cast<acc_t>(x_t[i]) + c_out * static_cast<acc_t>(F[i]) -
                     static_cast<acc_t>(x0[i]);
     sum += d * d;
-    grad[i] = static_cast<scalar_t>(gscale * d);
+    grad[i] = static_cast<grad_t>(gscale * d);
   }
   sum = block_sum(sum, shared);
   if (threadIdx.x == 0) partial[blockIdx.x] = sum;
@@ -178,18 +179,18 @@ __global__ void __launch_bounds__(kThreads) abs_sum_kernel(
 }
 
 // Writes g / numel; per block: the sum of g^2 and the count of non-finite g.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void store_direction(acc_t g, acc_t inv_numel, scalar_t* out, acc_t& sq, acc_t& bad) {
+template <typename grad_t, typename acc_t>
+__device__ __forceinline__ void store_direction(acc_t g, acc_t inv_numel, grad_t* out, acc_t& sq, acc_t& bad) {
   if (!is_finite(g)) bad += acc_t(1);
   sq += g * g;
-  *out = static_cast<scalar_t>(g * inv_numel);
+  *out = static_cast<grad_t>(g * inv_numel);
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename grad_t>
 __global__ void __launch_bounds__(kThreads) dmd_write_kernel(
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ x_real, const scalar_t* __restrict__ x_fake,
     const acc_t* __restrict__ norm_partial, int64_t N, int64_t chunks, acc_t inv_numel,
-    scalar_t* __restrict__ grad, acc_t* __restrict__ sq_partial, acc_t* __restrict__ bad_partial) {
+    grad_t* __restrict__ grad, acc_t* __restrict__ sq_partial, acc_t* __restrict__ bad_partial) {
   __shared__ acc_t shared[kWarps];
   __shared__ acc_t broadcast;
   const Span sp = block_span(N, chunks);
@@ -210,11 +211,11 @@ __global__ void __launch_bounds__(kThreads) dmd_write_kernel(
 }
 
 // norm_partial null: normalize=False. weight null: no per-sample weight.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename grad_t>
 __global__ void __launch_bounds__(kThreads) ratio_write_kernel(
     const scalar_t* __restrict__ lg, const acc_t* __restrict__ logits, const acc_t* __restrict__ weight,
     const acc_t* __restrict__ norm_partial, int64_t divergence, acc_t clamp, int64_t N, int64_t chunks,
-    acc_t inv_numel, scalar_t* __restrict__ grad, acc_t* __restrict__ sq_partial, acc_t* __restrict__ bad_partial) {
+    acc_t inv_numel, grad_t* __restrict__ grad, acc_t* __restrict__ sq_partial, acc_t* __restrict__ bad_partial) {
   __shared__ acc_t shared[kWarps];
   __shared__ acc_t broadcast;
   const Span sp = block_span(N, chunks);
@@ -254,20 +255,20 @@ __global__ void __launch_bounds__(kThreads) surrogate_finalize_kernel(
   if (threadIdx.x == 0) *loss = acc_t(0.5) * total * inv_numel;
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) zero_rows_kernel(scalar_t* __restrict__ grad,
+template <typename grad_t>
+__global__ void __launch_bounds__(kThreads) zero_rows_kernel(grad_t* __restrict__ grad,
                                                              const int32_t* __restrict__ row_ok, int64_t N,
                                                              int64_t chunks) {
   const Span sp = block_span(N, chunks);
   if (row_ok[sp.row] != 0) return;
 #pragma unroll 4
-  for (int64_t i = sp.begin + threadIdx.x; i < sp.end; i += kThreads) grad[i] = static_cast<scalar_t>(0.0f);
+  for (int64_t i = sp.begin + threadIdx.x; i < sp.end; i += kThreads) grad[i] = static_cast<grad_t>(0.0f);
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename grad_t>
 __global__ void __launch_bounds__(kThreads) classifier_kernel(
     const scalar_t* __restrict__ gen, const scalar_t* __restrict__ real, const acc_t* __restrict__ weight,
-    int64_t M, acc_t inv_m, scalar_t* __restrict__ grad_gen, scalar_t* __restrict__ grad_real,
+    int64_t M, acc_t inv_m, grad_t* __restrict__ grad_gen, grad_t* __restrict__ grad_real,
     acc_t* __restrict__ partial) {
   __shared__ acc_t shared[kWarps];
   const Span sp = block_span(M, static_cast<int64_t>(gridDim.x));  // a single row of M elements
@@ -277,8 +278,8 @@ __global__ void __launch_bounds__(kThreads) classifier_kernel(
     const acc_t lg = static_cast<acc_t>(gen[i]), lr = static_cast<acc_t>(real[i]);
     const acc_t w = weight != nullptr ? weight[i] : acc_t(1);
     sum += w * (softplus(-lg) + softplus(lr));
-    grad_gen[i] = static_cast<scalar_t>(-w * softplus_grad(-lg) * inv_m);
-    grad_real[i] = static_cast<scalar_t>(w * softplus_grad(lr) * inv_m);
+    grad_gen[i] = static_cast<grad_t>(-w * softplus_grad(-lg) * inv_m);
+    grad_real[i] = static_cast<grad_t>(w * softplus_grad(lr) * inv_m);
   }
   sum = block_sum(sum, shared);
   if (threadIdx.x == 0) partial[blockIdx.x] = sum;
@@ -310,6 +311,8 @@ unsigned int grid_of(int64_t blocks, const char* op) {
 
 using checks::acc_dtype;
 using checks::check_like;
+using checks::grad_dtype;
+using checks::grad_type;
 
 void check_rows(const at::Tensor& t, const char* op, const char* name) {
   checks::check_rows(t, c10::DeviceType::CUDA, op, name);
@@ -337,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor> denoising_loss_fwd_cuda(const at::Tensor& F_,
   const auto acc = acc_dtype(F.scalar_type());
   const auto sigma = per_sample(sigma_, B, acc, F, op, "sigma");
   auto loss = F.new_empty({B}, F.options().dtype(acc));
-  auto grad = F.new_empty(F.sizes(), F.options());
+  auto grad = F.new_empty(F.sizes(), F.options().dtype(grad_dtype(F.scalar_type())));
   if (B == 0) return {loss, grad};
   if (N == 0) return {loss.fill_(std::numeric_limits<double>::quiet_NaN()), grad};
   const int64_t chunks = ceil_div(N, kChunk);
@@ -346,10 +349,11 @@ std::tuple<at::Tensor, at::Tensor> denoising_loss_fwd_cuda(const at::Tensor& F_,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(), "denoising_loss_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using grad_t = grad_type<scalar_t>;
     const acc_t sd = static_cast<acc_t>(sigma_data);
-    denoising_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+    denoising_kernel<scalar_t, acc_t, grad_t><<<blocks, kThreads, 0, stream>>>(
         F.const_data_ptr<scalar_t>(), x_t.const_data_ptr<scalar_t>(), x0.const_data_ptr<scalar_t>(),
-        sigma.const_data_ptr<acc_t>(), sd, N, chunks, grad.data_ptr<scalar_t>(), partial.data_ptr<acc_t>());
+        sigma.const_data_ptr<acc_t>(), sd, N, chunks, grad.data_ptr<grad_t>(), partial.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     denoising_finalize_kernel<acc_t><<<grid_of(ceil_div(B, kThreads), op), kThreads, 0, stream>>>(
         partial.const_data_ptr<acc_t>(), sigma.const_data_ptr<acc_t>(), sd, B, N, chunks, loss.data_ptr<acc_t>());
@@ -359,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor> denoising_loss_fwd_cuda(const at::Tensor& F_,
 }
 
 // Launches the surrogate's finalize and row-zeroing kernels and returns the scalar loss.
-template <typename scalar_t, typename acc_t>
+template <typename grad_t, typename acc_t>
 at::Tensor finish_surrogate(const at::Tensor& like, const at::Tensor& sq_partial, const at::Tensor& bad_partial,
                             int64_t B, int64_t N, int64_t chunks, unsigned int blocks, at::Tensor& grad,
                             cudaStream_t stream) {
@@ -369,8 +373,8 @@ at::Tensor finish_surrogate(const at::Tensor& like, const at::Tensor& sq_partial
       sq_partial.const_data_ptr<acc_t>(), bad_partial.const_data_ptr<acc_t>(), B, chunks,
       acc_t(1) / static_cast<acc_t>(B * N), row_ok.data_ptr<int32_t>(), loss.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  zero_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(grad.data_ptr<scalar_t>(),
-                                                              row_ok.const_data_ptr<int32_t>(), N, chunks);
+  zero_rows_kernel<grad_t><<<blocks, kThreads, 0, stream>>>(grad.data_ptr<grad_t>(),
+                                                            row_ok.const_data_ptr<int32_t>(), N, chunks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return loss;
 }
@@ -385,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor> dmd_loss_fwd_cuda(const at::Tensor& x_, const
   const auto x = x_.contiguous(), xr = xr_.contiguous(), xf = xf_.contiguous();
   const int64_t B = x.size(0), N = B > 0 ? x.numel() / B : 0;
   const auto acc = acc_dtype(x.scalar_type());
-  auto grad = x.new_empty(x.sizes(), x.options());
+  auto grad = x.new_empty(x.sizes(), x.options().dtype(grad_dtype(x.scalar_type())));
   if (B == 0 || N == 0) return {nan_scalar(x, acc), grad};
   const int64_t chunks = ceil_div(N, kChunk);
   const unsigned int blocks = grid_of(B * chunks, op);
@@ -394,17 +398,18 @@ std::tuple<at::Tensor, at::Tensor> dmd_loss_fwd_cuda(const at::Tensor& x_, const
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dmd_loss_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using grad_t = grad_type<scalar_t>;
     acc_t* norm_partial = partials.data_ptr<acc_t>();
     acc_t* sq_partial = norm_partial + B * chunks;
     acc_t* bad_partial = sq_partial + B * chunks;
     abs_sum_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), xr.const_data_ptr<scalar_t>(), N, chunks, norm_partial);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dmd_write_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+    dmd_write_kernel<scalar_t, acc_t, grad_t><<<blocks, kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), xr.const_data_ptr<scalar_t>(), xf.const_data_ptr<scalar_t>(), norm_partial,
-        N, chunks, acc_t(1) / static_cast<acc_t>(B * N), grad.data_ptr<scalar_t>(), sq_partial, bad_partial);
+        N, chunks, acc_t(1) / static_cast<acc_t>(B * N), grad.data_ptr<grad_t>(), sq_partial, bad_partial);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    loss = finish_surrogate<scalar_t, acc_t>(x, partials[1], partials[2], B, N, chunks, blocks, grad, stream);
+    loss = finish_surrogate<grad_t, acc_t>(x, partials[1], partials[2], B, N, chunks, blocks, grad, stream);
   });
   return {loss, grad};
 }
@@ -428,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor> ratio_generator_loss_fwd_cuda(const at::Tenso
   const auto logits = per_sample(logits_, B, acc, lg, op, "logits");
   std::optional<at::Tensor> weight;
   if (weight_.has_value() && weight_->defined()) weight = per_sample(*weight_, B, acc, lg, op, "weight");
-  auto grad = lg.new_empty(x.sizes(), lg.options());
+  auto grad = lg.new_empty(x.sizes(), lg.options().dtype(grad_dtype(lg.scalar_type())));
   if (B == 0 || N == 0) return {nan_scalar(lg, acc), grad};
   const int64_t chunks = ceil_div(N, kChunk);
   const unsigned int blocks = grid_of(B * chunks, op);
@@ -437,6 +442,7 @@ std::tuple<at::Tensor, at::Tensor> ratio_generator_loss_fwd_cuda(const at::Tenso
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lg.scalar_type(), "ratio_generator_loss_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using grad_t = grad_type<scalar_t>;
     acc_t* norm_partial = partials.data_ptr<acc_t>();
     acc_t* sq_partial = norm_partial + B * chunks;
     acc_t* bad_partial = sq_partial + B * chunks;
@@ -445,13 +451,13 @@ std::tuple<at::Tensor, at::Tensor> ratio_generator_loss_fwd_cuda(const at::Tenso
                                                                          chunks, norm_partial);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    ratio_write_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+    ratio_write_kernel<scalar_t, acc_t, grad_t><<<blocks, kThreads, 0, stream>>>(
         lg.const_data_ptr<scalar_t>(), logits.const_data_ptr<acc_t>(),
         weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr, normalize ? norm_partial : nullptr,
         divergence, static_cast<acc_t>(clamp), N, chunks, acc_t(1) / static_cast<acc_t>(B * N),
-        grad.data_ptr<scalar_t>(), sq_partial, bad_partial);
+        grad.data_ptr<grad_t>(), sq_partial, bad_partial);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    loss = finish_surrogate<scalar_t, acc_t>(lg, partials[1], partials[2], B, N, chunks, blocks, grad, stream);
+    loss = finish_surrogate<grad_t, acc_t>(lg, partials[1], partials[2], B, N, chunks, blocks, grad, stream);
   });
   return {loss, grad};
 }
@@ -471,8 +477,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ratio_classifier_loss_fwd_cuda(
   const auto acc = acc_dtype(gen.scalar_type());
   std::optional<at::Tensor> weight;
   if (weight_.has_value() && weight_->defined()) weight = per_sample(*weight_, M, acc, gen, op, "weight");
-  auto grad_gen = gen.new_empty(gen.sizes(), gen.options());
-  auto grad_real = real.new_empty(real.sizes(), real.options());
+  auto grad_gen = gen.new_empty(gen.sizes(), gen.options().dtype(grad_dtype(gen.scalar_type())));
+  auto grad_real = real.new_empty(real.sizes(), real.options().dtype(grad_dtype(real.scalar_type())));
   auto loss = gen.new_empty({}, gen.options().dtype(acc));
   if (M == 0) return {nan_scalar(gen, acc), grad_gen, grad_real};
   const int64_t nblocks = ceil_div(M, kChunk);
@@ -480,11 +486,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ratio_classifier_loss_fwd_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gen.scalar_type(), "ratio_classifier_loss_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using grad_t = grad_type<scalar_t>;
     const acc_t inv_m = acc_t(1) / static_cast<acc_t>(M);
-    classifier_kernel<scalar_t, acc_t><<<grid_of(nblocks, op), kThreads, 0, stream>>>(
+    classifier_kernel<scalar_t, acc_t, grad_t><<<grid_of(nblocks, op), kThreads, 0, stream>>>(
         gen.const_data_ptr<scalar_t>(), real.const_data_ptr<scalar_t>(),
-        weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr, M, inv_m, grad_gen.data_ptr<scalar_t>(),
-        grad_real.data_ptr<scalar_t>(), partial.data_ptr<acc_t>());
+        weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr, M, inv_m, grad_gen.data_ptr<grad_t>(),
+        grad_real.data_ptr<grad_t>(), partial.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     sum_kernel<acc_t><<<1, kThreads, 0, stream>>>(partial.const_data_ptr<acc_t>(), nblocks, inv_m,
                                                   loss.data_ptr<acc_t>());

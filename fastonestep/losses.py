@@ -27,6 +27,17 @@ All functions accumulate in fp32 whatever the input dtype. Fused implementations
 fp32 rounding, with one documented exception: the noise add_noise draws for a given `seed` depends on the
 implementation (torch.Generator for torch/ext, in-kernel Philox for triton); a seed reproduces noise within
 one implementation. Trainers call these; they never reimplement them.
+
+Inputs, checked here the same way for every implementation: tensors of data are floating point (TypeError
+otherwise) with a batch dimension 0 (a 1-D tensor is B samples of one element; 0-d is a ValueError). Per-sample
+values (alpha, sigma, logits, weight, the classifier's logits) are a number or B values in any shape, (B,) or
+(B, 1) alike (ValueError naming the argument otherwise). Constants get no gradient in any implementation:
+sigma, sigma_data, x_real_hat, x_fake_hat, logit_grad, logits and the weights; a loss whose only inputs that
+require grad are constants does not require grad. The fused implementations (triton, ext) are differentiable
+once: with create_graph=True their gradients carry a node that raises if differentiated again (impl="torch"
+for second derivatives). For fp16 inputs they keep the gradient written by the forward in fp32 until the
+backward scales it (kernels/fused_backward.py, saved_grad_dtype: 2 more bytes per element, so that a loss
+scale does not multiply fp16-rounded subnormals).
 """
 from __future__ import annotations
 
@@ -194,6 +205,25 @@ def _backend(impl: str, device):
     return name, _ref
 
 
+def _check_data(fn: str, **tensors) -> None:
+    """Floating-point tensors with a batch dimension (TypeError / ValueError naming the argument)."""
+    for name, t in tensors.items():
+        if t is not None:
+            _ref.check_floating(t, name, fn)
+            _ref.check_batched(t, name, fn)
+
+
+def _check_per_sample(fn: str, B: int, **values) -> None:
+    for name, v in values.items():
+        if v is not None:
+            _ref.check_per_sample(v, B, name, fn)
+
+
+def _fresh_seed() -> int:
+    """From torch's default (CPU) generator: torch.manual_seed makes unseeded calls reproducible, no device sync."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
 def add_noise(x0, alpha, sigma, noise=None, seed=None, impl="auto", *, latent_std=None, latent_noise=None,
               latent_scale=None, latent_bias=None, return_x0=False):
     """x_t = alpha_i * x0 + sigma_i * eps with per-sample alpha, sigma. With `seed` and no `noise`, eps is
@@ -203,14 +233,18 @@ def add_noise(x0, alpha, sigma, noise=None, seed=None, impl="auto", *, latent_st
 
     Optional latent sampling before noising (design.md section 5): with `latent_std`, x0 is a posterior mean and
     the clean sample is (x0 + latent_std * z) * latent_scale_c + latent_bias_c (c = dimension 1), z =
-    `latent_noise` or a second stream of the same seed; latent_scale / latent_bias alone apply only the
-    per-channel affine map. `return_x0=True` returns (x_t, clean sample)."""
-    name, mod = _backend(impl, x0.device)
-    if noise is None and seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    latent = latent_std is not None or latent_scale is not None or latent_bias is not None
+    `latent_noise` or a second stream of the same seed, independent of eps (drawn from a fresh seed when there is
+    none, also when `noise` is given); latent_scale / latent_bias alone apply only the per-channel affine map.
+    `return_x0=True` returns (x_t, clean sample)."""
+    _check_data("add_noise", x0=x0, noise=noise, latent_std=latent_std, latent_noise=latent_noise)
+    _check_per_sample("add_noise", x0.shape[0], alpha=alpha, sigma=sigma)
     if latent_noise is not None and latent_std is None:
         raise ValueError("latent_noise needs latent_std (the latent sampling path)")
+    draws_z = latent_std is not None and latent_noise is None
+    if seed is None and (noise is None or draws_z):  # a fresh seed for every stream drawn, eps or z
+        seed = _fresh_seed()
+    name, mod = _backend(impl, x0.device)
+    latent = latent_std is not None or latent_scale is not None or latent_bias is not None
     if name == "triton":
         return mod[1].add_noise(x0, alpha, sigma, noise, seed, latent_std=latent_std, latent_noise=latent_noise,
                                 latent_scale=latent_scale, latent_bias=latent_bias, return_x0=return_x0)
@@ -221,6 +255,8 @@ def add_noise(x0, alpha, sigma, noise=None, seed=None, impl="auto", *, latent_st
 
 def denoising_loss(F, x_t, x0, sigma, sigma_data, impl="auto"):
     """Per-sample EDM loss: lambda(sigma_i) * mean_elements (c_skip x_t + c_out F - x0)^2."""
+    _check_data("denoising_loss", F=F, x_t=x_t, x0=x0)
+    _check_per_sample("denoising_loss", F.shape[0], sigma=sigma)
     name, mod = _backend(impl, F.device)
     if name == "triton":
         return mod[0].denoising_loss(F, x_t, x0, sigma, sigma_data)
@@ -229,6 +265,7 @@ def denoising_loss(F, x_t, x0, sigma, sigma_data, impl="auto"):
 
 def dmd_loss(x, x_real_hat, x_fake_hat, impl="auto"):
     """Scalar 0.5*mean((x - sg(x - g))^2), g = (p_real - p_fake) / mean|p_real| per sample (design 4.2)."""
+    _check_data("dmd_loss", x=x, x_real_hat=x_real_hat, x_fake_hat=x_fake_hat)
     name, mod = _backend(impl, x.device)
     if name == "triton":
         return mod[0].dmd_loss(x, x_real_hat, x_fake_hat)
@@ -243,6 +280,8 @@ def ratio_generator_loss(x, logit_grad, logits, weight=None, divergence="rkl", n
     if not clamp > 0:  # [-c, c] with c < 0 is empty: the implementations would disagree on what it means
         raise ValueError(f"ratio_generator_loss: clamp must be positive (logits are clamped to [-clamp, clamp]); "
                          f"got {clamp!r}")
+    _check_data("ratio_generator_loss", x=x, logit_grad=logit_grad)
+    _check_per_sample("ratio_generator_loss", x.shape[0], logits=logits, weight=weight)
     name, mod = _backend(impl, x.device)
     if name == "triton":
         return mod[0].ratio_generator_loss(x, logit_grad, logits, weight, divergence, normalize, clamp)
@@ -250,7 +289,12 @@ def ratio_generator_loss(x, logit_grad, logits, weight=None, divergence="rkl", n
 
 
 def ratio_classifier_loss(logits_gen, logits_real, weight=None, impl="auto"):
-    """Logistic loss of the ratio classifier, generated = 1, real = 0."""
+    """Logistic loss of the ratio classifier, generated = 1, real = 0. The logits hold one value per sample in any
+    shape ((B,) or (B, 1)); they are flattened to (B,) and their gradients come back in their own shapes."""
+    _ref.check_floating(logits_gen, "logits_gen", "ratio_classifier_loss")
+    _ref.check_floating(logits_real, "logits_real", "ratio_classifier_loss")
+    logits_gen, logits_real = _ref.sample_logits(logits_gen, logits_real)
+    _check_per_sample("ratio_classifier_loss", logits_gen.numel(), weight=weight)
     name, mod = _backend(impl, logits_gen.device)
     if name == "triton":
         return mod[0].ratio_classifier_loss(logits_gen, logits_real, weight)

@@ -8,11 +8,13 @@ The ops live in csrc/ as the torch.library namespace `fastonestep`:
                              bool normalize, float clamp) -> (Tensor, Tensor)
     ratio_classifier_loss_fwd(Tensor logits_gen, Tensor logits_real, Tensor? weight) -> (Tensor, Tensor, Tensor)
 
-Each returns the loss and, written in the same pass, the gradient its backward needs; the autograd formula
-registered here only multiplies that gradient by grad_output. The gradient is computed even when no grad is
-required (that is the contract: one pass, no second kernel for the backward). The multiply is skipped when
-grad_output is exactly 1 and the check is free (a plain CPU tensor, not under torch.compile); on CUDA it always
-runs, because testing the value would cost a host synchronisation. No double backward.
+Each returns the loss and, written in the same pass, the gradient its backward needs (in the input dtype, fp32 for
+fp16 inputs: kernels/fused_backward.py, saved_grad_dtype); the autograd formula registered here only multiplies
+that gradient by grad_output, in fp32, and casts it once to the input dtype. The gradient is computed even when
+no grad is required (that is the contract: one pass, no second kernel for the backward). The multiply is skipped
+when grad_output is exactly 1 and the check is free (a plain CPU tensor, not under torch.compile); on CUDA it
+always runs, because testing the value would cost a host synchronisation. No double backward: with
+create_graph=True the gradients carry a node that raises when differentiated (fused_backward.first_order_only).
 
 Loading: `load()` builds the library just in time with torch.utils.cpp_extension.load from csrc/ (next to this
 package's source folder; the CUDA file only when a GPU, torch CUDA and nvcc are all present), cached under
@@ -24,6 +26,7 @@ compiler and ninja; `available()` says why the ops are missing instead of raisin
 The Python functions at the bottom have exactly the signatures of kernels/reference.py. Mixed input dtypes are
 promoted first (as the reference's fp32 arithmetic would treat them). Constants, as in the reference's
 `.detach()`: sigma and sigma_data; x_real_hat, x_fake_hat; logit_grad, logits and weight; the classifier weight.
+They are detached before the op, so a loss whose only inputs that require grad are constants does not require grad.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from pathlib import Path
 import torch
 
 from fastonestep.kernels import reference as _ref
+from fastonestep.kernels.fused_backward import first_order_only, saved_grad_dtype, scale_in_fp32
 from fastonestep.kernels.reference import DIVERGENCES
 from fastonestep.tensors import device_tensor
 
@@ -243,44 +247,47 @@ def _is_one(t: torch.Tensor) -> bool:
     return bool((t == 1).all())
 
 
-def _scale(grad: torch.Tensor, grad_output: torch.Tensor | None, per_row: bool = False) -> torch.Tensor:
-    """The backward of every op: the forward's gradient times grad_output (scalar, or (B,) when per_row).
-    Half/bf16 gradients are scaled by grad_output rounded to their dtype (one pass, no fp32 temporary)."""
+def _scale(grad: torch.Tensor, grad_output: torch.Tensor | None, per_row: bool = False,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The backward of every op: the forward's gradient times grad_output (scalar, or (B,) when per_row), in fp32,
+    cast once to `dtype` (the input's; default the gradient's). grad_output rounded to fp16 first would turn a
+    loss scale of 65536 into inf."""
+    dtype = grad.dtype if dtype is None else dtype
     if grad_output is None:
-        return torch.zeros_like(grad)
+        return torch.zeros(grad.shape, dtype=dtype, device=grad.device)
     if _is_one(grad_output):
-        return grad
-    go = grad_output.to(grad.dtype)
-    if per_row:
-        go = go.reshape((-1,) + (1,) * (grad.ndim - 1))
-    return grad * go
+        return grad.to(dtype)  # the saved gradient itself when the dtypes agree
+    return scale_in_fp32(grad, grad_output, dtype, per_row)
 
 
 def _denoising_setup(ctx, inputs, output):
-    _, _, _, sigma, sigma_data = inputs
+    F, _, _, sigma, sigma_data = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1], sigma)
     ctx.sigma_data = sigma_data
+    ctx.dtype = F.dtype  # F, x_t and x0 share it (promoted before the op)
 
 
 def _denoising_backward(ctx, grad_loss, _grad_grad):
     grad_F, sigma = ctx.saved_tensors
     if not any(ctx.needs_input_grad[:3]):
         return None, None, None, None, None
-    gF = _scale(grad_F, grad_loss, per_row=True)
+    # gradients w.r.t. x_t and x0 follow from the fp32 one w.r.t. F, each rounded once to the input dtype
+    gF = _scale(grad_F, grad_loss, per_row=True, dtype=_acc(grad_F.dtype))
     g_xt = g_x0 = None
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         # dL/dx_t = grad_F c_skip / c_out and dL/dx0 = -grad_F / c_out: no second pass over the data in the forward.
-        s = sigma.to(_acc(gF.dtype))
+        s = sigma.to(gF.dtype)
         sd = ctx.sigma_data
         c_out = s * sd / (s * s + sd * sd).sqrt()
         c_skip = sd * sd / (s * s + sd * sd)
         shape = (-1,) + (1,) * (gF.ndim - 1)
         if ctx.needs_input_grad[1]:
-            g_xt = gF * (c_skip / c_out).reshape(shape).to(gF.dtype)
+            g_xt = (gF * (c_skip / c_out).reshape(shape)).to(ctx.dtype)
         if ctx.needs_input_grad[2]:
-            g_x0 = gF * (-1.0 / c_out).reshape(shape).to(gF.dtype)
-    return (gF if ctx.needs_input_grad[0] else None), g_xt, g_x0, None, None
+            g_x0 = (gF * (-1.0 / c_out).reshape(shape)).to(ctx.dtype)
+    g_F = gF.to(ctx.dtype) if ctx.needs_input_grad[0] else None
+    return first_order_only((g_F, g_xt, g_x0, None, None), "denoising_loss (impl='ext')")
 
 
 def _surrogate_setup(ctx, inputs, output):
@@ -291,42 +298,47 @@ def _surrogate_setup(ctx, inputs, output):
 
 def _dmd_backward(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
-    return _scale(grad, grad_loss), None, None
+    return first_order_only((_scale(grad, grad_loss, dtype=ctx.x_dtype), None, None), "dmd_loss (impl='ext')")
 
 
 def _ratio_generator_backward(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
-    return _scale(grad, grad_loss).to(ctx.x_dtype), None, None, None, None, None, None
+    return first_order_only((_scale(grad, grad_loss, dtype=ctx.x_dtype), None, None, None, None, None, None),
+                            "ratio_generator_loss (impl='ext')")
 
 
 def _classifier_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(output[1], output[2])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
 
 
 def _classifier_backward(ctx, grad_loss, _g1, _g2):
     grad_gen, grad_real = ctx.saved_tensors
-    g_gen = _scale(grad_gen, grad_loss) if ctx.needs_input_grad[0] else None
-    g_real = _scale(grad_real, grad_loss) if ctx.needs_input_grad[1] else None
-    return g_gen, g_real, None  # the weight is a constant (no gradient)
+    g_gen = _scale(grad_gen, grad_loss, dtype=ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+    g_real = _scale(grad_real, grad_loss, dtype=ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+    # the weight is a constant (no gradient)
+    return first_order_only((g_gen, g_real, None), "ratio_classifier_loss (impl='ext')")
 
 
 def _denoising_fake(F, x_t, x0, sigma, sigma_data):
-    return F.new_empty((F.shape[0],), dtype=_acc(F.dtype)), F.new_empty(F.shape)
+    return (F.new_empty((F.shape[0],), dtype=_acc(F.dtype)),
+            F.new_empty(F.shape, dtype=saved_grad_dtype(F.dtype)))
 
 
 def _dmd_fake(x, x_real_hat, x_fake_hat):
-    return x.new_empty((), dtype=_acc(x.dtype)), x.new_empty(x.shape)
+    return x.new_empty((), dtype=_acc(x.dtype)), x.new_empty(x.shape, dtype=saved_grad_dtype(x.dtype))
 
 
 def _ratio_generator_fake(x, logit_grad, logits, weight, divergence, normalize, clamp):
     return (logit_grad.new_empty((), dtype=_acc(logit_grad.dtype)),
-            logit_grad.new_empty(x.shape, dtype=logit_grad.dtype))
+            logit_grad.new_empty(x.shape, dtype=saved_grad_dtype(logit_grad.dtype)))
 
 
 def _classifier_fake(logits_gen, logits_real, weight):
-    return (logits_gen.new_empty((), dtype=_acc(logits_gen.dtype)), logits_gen.new_empty(logits_gen.shape),
-            logits_real.new_empty(logits_real.shape))
+    return (logits_gen.new_empty((), dtype=_acc(logits_gen.dtype)),
+            logits_gen.new_empty(logits_gen.shape, dtype=saved_grad_dtype(logits_gen.dtype)),
+            logits_real.new_empty(logits_real.shape, dtype=saved_grad_dtype(logits_real.dtype)))
 
 
 _PYTHON_SIDE = {
@@ -369,7 +381,7 @@ def _promote(*tensors):
 
 
 def _per_sample(v, n: int, like: torch.Tensor) -> torch.Tensor:
-    v = device_tensor(v, _acc(like.dtype), like.device).reshape(-1)
+    v = device_tensor(v, _acc(like.dtype), like.device).detach().reshape(-1)  # a constant
     return v.expand(n) if v.numel() == 1 else v
 
 
@@ -399,7 +411,7 @@ def denoising_loss(F, x_t, x0, sigma, sigma_data):
 def dmd_loss(x, x_real_hat, x_fake_hat):
     """Scalar 0.5*mean(g^2) whose gradient w.r.t. x is g / numel(x) (x_real_hat, x_fake_hat are constants)."""
     _ensure(x, x_real_hat, x_fake_hat)
-    _, (x, x_real_hat, x_fake_hat) = _promote(x, x_real_hat, x_fake_hat)
+    _, (x, x_real_hat, x_fake_hat) = _promote(x, x_real_hat.detach(), x_fake_hat.detach())
     loss, _ = torch.ops.fastonestep.dmd_loss_fwd(x, x_real_hat, x_fake_hat)
     return loss
 
@@ -408,7 +420,7 @@ def ratio_generator_loss(x, logit_grad, logits, weight=None, divergence="rkl", n
     """Scalar 0.5*mean(g^2) whose gradient w.r.t. x is g / numel(x); logit_grad, logits and weight are constants."""
     _ensure(x, logit_grad)
     dtype = torch.promote_types(x.dtype, logit_grad.dtype)
-    logit_grad = logit_grad.to(dtype)
+    logit_grad = logit_grad.detach().to(dtype)
     n = logit_grad.shape[0]
     w = None if weight is None else _per_sample(weight, n, logit_grad)
     loss, _ = torch.ops.fastonestep.ratio_generator_loss_fwd(x, logit_grad, _per_sample(logits, n, logit_grad), w,

@@ -3,15 +3,83 @@
 These are the ground truth the fused kernels are tested against, and the `impl="torch"` path of
 fastonestep.losses. All arithmetic is fp32 whatever the input dtype; results are cast back where the
 contract returns a tensor shaped like the input.
+
+Shapes, as in the fused kernels: dimension 0 is the batch (a 1-D tensor is B samples of one element each);
+per-sample values (sigma, logits, weight, the classifier's logits) are numbers or tensors of B values in any
+shape ((B,), (B, 1), ...), one value broadcasting to all samples. Constants get no gradient: sigma, sigma_data,
+x_real_hat, x_fake_hat, logit_grad, logits and the weights.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fastonestep.tensors import device_tensor
 
 DIVERGENCES = ("rkl", "dijs", "fkl", "hellinger")
+MASK64 = (1 << 64) - 1
+
+
+def check_batched(t: torch.Tensor, name: str, fn: str) -> None:
+    """ValueError for a 0-d tensor: every loss input has a batch dimension (dimension 0)."""
+    if t.ndim == 0:
+        raise ValueError(f"{fn}: {name} must have a batch dimension (shape (B, ...)), got a 0-d tensor")
+
+
+def check_floating(t, name: str, fn: str) -> None:
+    """TypeError unless `t` is a floating-point tensor: integer data would be cast by some implementations and
+    refused by others."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_per_sample(v, B: int, name: str, fn: str) -> None:
+    """ValueError unless `v` (a number or a tensor) holds one value, or one value per sample (B of them, in any
+    shape: (B,), (B, 1), ...)."""
+    if isinstance(v, numbers.Number):
+        return
+    shape = tuple(v.shape) if isinstance(v, torch.Tensor) else np.shape(v)  # (np: a sequence of numbers)
+    n = math.prod(shape)
+    if n != 1 and n != B:
+        raise ValueError(f"{fn}: {name} must hold one value per sample (B={B}: shape ({B},) or ({B}, 1)) or a "
+                         f"single value, got shape {shape}")
+
+
+def per_sample_values(v, B: int, name: str, fn: str, device) -> torch.Tensor:
+    """`v` checked by check_per_sample, as a constant (detached) fp32 (B,) tensor."""
+    check_per_sample(v, B, name, fn)
+    t = device_tensor(v, torch.float32, device).detach().reshape(-1)
+    return t.expand(B) if t.numel() == 1 else t
+
+
+def sample_logits(logits_gen: torch.Tensor, logits_real: torch.Tensor, fn: str = "ratio_classifier_loss"):
+    """The classifier's logits flattened to (B,), B = their number of elements (which must agree)."""
+    if logits_gen.numel() != logits_real.numel():
+        raise ValueError(f"{fn}: logits_gen {tuple(logits_gen.shape)} and logits_real {tuple(logits_real.shape)} "
+                         "must hold one logit per sample each, the same number of samples")
+    return logits_gen.reshape(-1), logits_real.reshape(-1)
+
+
+def latent_seed(seed: int) -> int:
+    """The seed of the latent z stream for add_noise's `seed` (splitmix64 of it). torch's CPU generator keeps only
+    the low 32 bits of a seed, so an offset in the high bits (seed + 2**32) drew z == eps; the mixed seed differs
+    from `seed` in its low 32 bits, so z and eps are independent streams."""
+    z = (int(seed) + 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    z ^= z >> 31
+    return z ^ 1 if (z ^ int(seed)) & 0xFFFFFFFF == 0 else z  # (a 2^-32 chance, ruled out)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, N) view of a batch; a 1-D tensor is B rows of one element (also for B = 0, unlike reshape(B, -1))."""
+    return t.flatten(1) if t.ndim > 1 else t[:, None]
 
 
 def per_sample(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -23,6 +91,7 @@ def per_sample(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def add_noise(x0, alpha, sigma, noise=None, seed=None):
+    check_batched(x0, "x0", "add_noise")
     if noise is None:
         gen = torch.Generator(device=x0.device)
         gen.manual_seed(0 if seed is None else int(seed))
@@ -32,25 +101,26 @@ def add_noise(x0, alpha, sigma, noise=None, seed=None):
 
 
 def denoising_loss(F_out, x_t, x0, sigma, sigma_data):
-    """Per-sample EDM loss lambda(sigma) * mean_elements (c_skip x_t + c_out F - x0)^2."""
-    s = device_tensor(sigma, torch.float32, x_t.device).reshape(-1).expand(x_t.shape[0])
+    """Per-sample EDM loss lambda(sigma) * mean_elements (c_skip x_t + c_out F - x0)^2 (sigma a constant)."""
+    check_batched(x_t, "x_t", "denoising_loss")
+    s = per_sample_values(sigma, x_t.shape[0], "sigma", "denoising_loss", x_t.device)
     sd2 = sigma_data**2
     c_skip = sd2 / (s**2 + sd2)
     c_out = s * sigma_data / (s**2 + sd2).sqrt()
     weight = (s**2 + sd2) / (s * sigma_data) ** 2
     D = per_sample(c_skip, x_t) * x_t.float() + per_sample(c_out, x_t) * F_out.float()
-    err = (D - x0.float()).square().flatten(1).mean(1)
+    err = _as_rows((D - x0.float()).square()).mean(1)
     return weight * err
 
 
 def _sample_normaliser(v: torch.Tensor, eps: float) -> torch.Tensor:
-    return v.abs().flatten(1).mean(1) + eps
+    return _as_rows(v.abs()).mean(1) + eps
 
 
 def _finite_rows(*tensors) -> torch.Tensor:
     ok = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
-        ok &= torch.isfinite(t.flatten(1) if t.ndim > 1 else t[:, None]).all(1)
+        ok &= torch.isfinite(_as_rows(t)).all(1)
     return ok
 
 
@@ -67,6 +137,7 @@ def surrogate_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def dmd_gradient(x, x_real_hat, x_fake_hat, eps: float = 1e-8) -> torch.Tensor:
     """DMD direction (p_real - p_fake) / mean|p_real| per sample in fp32; rows with NaN/Inf become 0."""
+    check_batched(x, "x", "dmd_loss")
     x32 = x.float()
     p_real = x32 - x_real_hat.float()
     p_fake = x32 - x_fake_hat.float()
@@ -81,7 +152,7 @@ def dmd_loss(x, x_real_hat, x_fake_hat):
 
 def divergence_weight(logits: torch.Tensor, divergence: str, clamp: float = 10.0) -> torch.Tensor:
     """h(r) = f''(r) r^2 at r = exp(-logit) (the estimated p/q), from the clamped logit, in fp32."""
-    l = logits.float().clamp(-clamp, clamp)
+    l = (logits.float() if isinstance(logits, torch.Tensor) else torch.tensor(float(logits))).clamp(-clamp, clamp)
     if divergence == "rkl":
         return torch.ones_like(l)
     if divergence == "dijs":
@@ -96,10 +167,13 @@ def divergence_weight(logits: torch.Tensor, divergence: str, clamp: float = 10.0
 def ratio_generator_gradient(logit_grad, logits, weight=None, divergence="rkl", normalize=True,
                              clamp: float = 10.0, eps: float = 1e-8) -> torch.Tensor:
     """g_i = w_i h(r_i) grad_i / (mean|grad_i| + eps) in fp32 (4.1(b)); rows with NaN/Inf become 0."""
-    grad = logit_grad.float()
-    coef = divergence_weight(logits, divergence, clamp)
+    check_batched(logit_grad, "logit_grad", "ratio_generator_loss")
+    grad = logit_grad.detach().float()
+    B = grad.shape[0]
+    coef = divergence_weight(per_sample_values(logits, B, "logits", "ratio_generator_loss", grad.device), divergence,
+                             clamp)
     if weight is not None:
-        coef = coef * device_tensor(weight, torch.float32, grad.device).reshape(-1)
+        coef = coef * per_sample_values(weight, B, "weight", "ratio_generator_loss", grad.device)
     if normalize:
         coef = coef / _sample_normaliser(grad, eps)
     g = per_sample(coef, grad) * grad
@@ -108,15 +182,18 @@ def ratio_generator_gradient(logit_grad, logits, weight=None, divergence="rkl", 
 
 
 def ratio_generator_loss(x, logit_grad, logits, weight=None, divergence="rkl", normalize=True, clamp=10.0):
+    check_batched(x, "x", "ratio_generator_loss")
     g = ratio_generator_gradient(logit_grad, logits, weight, divergence, normalize, clamp)
     return surrogate_loss(x, g.detach())
 
 
 def ratio_classifier_loss(logits_gen, logits_real, weight=None):
-    """Logistic loss, generated = 1, real = 0: mean_i w_i (softplus(-l_gen_i) + softplus(l_real_i))."""
+    """Logistic loss, generated = 1, real = 0: mean_i w_i (softplus(-l_gen_i) + softplus(l_real_i)); the logits
+    hold one value per sample in any shape ((B,) or (B, 1)), the weight (a constant) is one value or B."""
+    logits_gen, logits_real = sample_logits(logits_gen, logits_real)
     per = F.softplus(-logits_gen.float()) + F.softplus(logits_real.float())
     if weight is not None:
-        per = per * device_tensor(weight, torch.float32, per.device).reshape(-1)
+        per = per * per_sample_values(weight, per.numel(), "weight", "ratio_classifier_loss", per.device)
     return per.mean()
 
 
@@ -124,14 +201,14 @@ def latent_sample(mean, std=None, z=None, scale=None, bias=None, seed=None):
     """Clean latent sample (mean + std * z) * scale_c + bias_c in fp32 (c = dimension 1), in mean's dtype.
 
     The optional step before add_noise on latent datasets stored as VAE posterior mean/std. Without std it is
-    only the per-channel affine map. z: given, or drawn from a torch.Generator seeded with seed + 2**32 (seed
-    None: 0), a stream apart from add_noise's eps for the same seed. scale / bias: scalars or one value per
+    only the per-channel affine map. z: given, or drawn from a torch.Generator seeded with latent_seed(seed) (seed
+    None: 0), a stream independent of add_noise's eps for the same seed. scale / bias: scalars or one value per
     channel."""
     x = mean.float()
     if std is not None:
         if z is None:
             gen = torch.Generator(device=mean.device)
-            gen.manual_seed((0 if seed is None else int(seed)) + 2**32)
+            gen.manual_seed(latent_seed(0 if seed is None else seed))
             z = torch.randn(mean.shape, generator=gen, device=mean.device, dtype=torch.float32)
         x = x + std.float() * z.float()
 

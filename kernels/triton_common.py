@@ -202,17 +202,20 @@ def scale_kernel(g_ptr, go_ptr, out_ptr, B, N, PER_ROW: tl.constexpr, R: tl.cons
     tl.store(out_ptr + offs, (g * go).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """The whole backward of a fused loss: the gradient written by the forward, times grad_output.
+def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole backward of a fused loss: the gradient written by the forward, times grad_output in fp32, stored
+    in `dtype` (the input's; default the gradient's own; the forward saves fp32 for fp16 inputs, see
+    fused_backward.saved_grad_dtype).
 
     grad_output is a scalar (scalar losses) or (B,) (per-sample losses). When it is all ones (checked where
-    that is free, see is_one) the saved gradient is returned untouched. A new tensor is returned otherwise, so the saved gradient stays valid
-    for a second backward (retain_graph=True)."""
+    that is free, see is_one) the saved gradient is returned untouched (cast when `dtype` differs). A new tensor
+    is returned otherwise, so the saved gradient stays valid for a second backward (retain_graph=True)."""
+    dtype = grad.dtype if dtype is None else dtype
     if is_one(grad_output):
-        return grad
+        return grad.to(dtype)
     B = grad.shape[0]
     N = grad.numel() // max(B, 1)
-    out = torch.empty_like(grad)
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
     if grad.numel() == 0:
         return out
     go = grad_output.detach().contiguous()

@@ -5,7 +5,13 @@ signature and semantics as its eager reference in kernels/reference.py. As in Li
 writes the gradient w.r.t. the trained input in the same pass that computes the loss; the backward only
 rescales it by grad_output (and returns it untouched when grad_output is 1 on CPU; on CUDA that check would
 cost a host sync, dearer than the rescale, see triton_common.is_one). All arithmetic is fp32 whatever the
-input dtype; gradients come back in the input's dtype.
+input dtype; gradients come back in the input's dtype. The forward writes the gradient in the input dtype, fp32
+for fp16 inputs (fused_backward.saved_grad_dtype); the backward scales it in fp32 and rounds once.
+
+Autograd: only the main inputs get gradients (F, x_t, x0; x; logits_gen, logits_real); the other tensors are
+constants, detached before the Function, so a loss whose only inputs that require grad are constants does not
+require grad (a Function applied directly to such inputs returns None gradients). Differentiable once: with
+create_graph=True the gradients carry a node that raises when differentiated (fused_backward.first_order_only).
 
 Passes (see triton_common for the tiling):
 - denoising_loss: one pass (EDM combine, squared error, gradient); rows longer than one chunk add a tiny
@@ -24,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import triton_common as tc
+from .fused_backward import first_order_only, saved_grad_dtype
 from .reference import DIVERGENCES
 
 _DIV_CODE = {name: i for i, name in enumerate(DIVERGENCES)}  # rkl 0, dijs 1, fkl 2, hellinger 3
@@ -37,6 +44,16 @@ def _check_same_numel(ref: torch.Tensor, name_ref: str, **others):
     for name, t in others.items():
         if t.shape != ref.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {name_ref}'s {tuple(ref.shape)}")
+
+
+def _constant(v):
+    """A tensor detached (no gradient flows into it), anything else as it is."""
+    return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+def _grad_buffer(like: torch.Tensor) -> torch.Tensor:
+    """Where the forward writes the gradient for the backward: like's dtype, fp32 for fp16 (saved_grad_dtype)."""
+    return torch.empty(like.shape, dtype=saved_grad_dtype(like.dtype), device=like.device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,14 +103,14 @@ def _denoising_reduce_kernel(part_ptr, sigma_ptr, loss_ptr, B, N, C, sigma_data,
 
 
 def denoising_forward(F, x_t, x0, sigma, sigma_data, write_grad=True):
-    """(per-sample loss (B,) fp32, d loss_i / d F in F's dtype or None)."""
+    """(per-sample loss (B,) fp32, d loss_i / d F in saved_grad_dtype(F.dtype) or None)."""
     B = F.shape[0]
     F = _flat_rows(F, B, "F")
     _check_same_numel(F, "F", x_t=x_t, x0=x0)
     x_t, x0 = _flat_rows(x_t, B, "x_t"), _flat_rows(x0, B, "x0")
     s = tc.per_sample_vector(sigma, B, F.device, "sigma")
     N = F.numel() // max(B, 1)
-    grad = torch.empty_like(F) if write_grad else None
+    grad = _grad_buffer(F) if write_grad else None
     if B == 0 or N == 0:  # nothing to reduce; torch's mean over no elements is NaN
         return torch.full((B,), float("nan"), dtype=torch.float32, device=F.device), grad
     loss = torch.empty(B, dtype=torch.float32, device=F.device)
@@ -118,33 +135,36 @@ class DenoisingLoss(torch.autograd.Function):
         need = any(ctx.needs_input_grad[:3])
         loss, grad = denoising_forward(F, x_t, x0, sigma, sigma_data, write_grad=need)
         ctx.sigma_data = float(sigma_data)
-        ctx.shapes = (F.shape, x_t.dtype, x0.dtype)
+        ctx.shapes = (F.shape, F.dtype, x_t.dtype, x0.dtype)
         if need:
             ctx.save_for_backward(grad, tc.per_sample_vector(sigma, F.shape[0], F.device, "sigma"))
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
+        if not ctx.saved_tensors:  # only constants (sigma) required grad: they get none
+            return None, None, None, None, None
         grad, s = ctx.saved_tensors
-        shape, xt_dtype, x0_dtype = ctx.shapes
-        g = tc.scale_grad(grad, grad_output.reshape(-1))
-        g_f = g.view(shape) if ctx.needs_input_grad[0] else None
+        shape, f_dtype, xt_dtype, x0_dtype = ctx.shapes
+        go = grad_output.reshape(-1)
+        g_f = tc.scale_grad(grad, go, f_dtype).view(shape) if ctx.needs_input_grad[0] else None
         g_xt = g_x0 = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # from the fp32 gradient w.r.t. F, each rounded once to its input's dtype
+            g32 = tc.scale_grad(grad, go, torch.float32).reshape(shape[0], -1)
             sd = ctx.sigma_data
             c_out = s * sd / (s * s + sd * sd).sqrt()
-            g32 = g.float().reshape(shape[0], -1)
             if ctx.needs_input_grad[1]:
                 c_skip = sd * sd / (s * s + sd * sd)
                 g_xt = (g32 * (c_skip / c_out)[:, None]).to(xt_dtype).view(shape)
             if ctx.needs_input_grad[2]:
                 g_x0 = (g32 * (-1.0 / c_out)[:, None]).to(x0_dtype).view(shape)
-        return g_f, g_xt, g_x0, None, None
+        return first_order_only((g_f, g_xt, g_x0, None, None), "denoising_loss (impl='triton')")
 
 
 def denoising_loss(F, x_t, x0, sigma, sigma_data):
     """Per-sample EDM loss lambda(sigma_i) * mean_elements (c_skip x_t + c_out F - x0)^2, shape (B,), fp32."""
-    return DenoisingLoss.apply(F, x_t, x0, sigma, sigma_data)
+    return DenoisingLoss.apply(F, x_t, x0, _constant(sigma), sigma_data)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,7 +230,7 @@ def _surrogate(launch, x, pass1_a, pass1_b, write_grad):
     B = x.shape[0]
     N = x.numel() // max(B, 1)
     dev = x.device
-    grad = torch.empty_like(x) if write_grad else None
+    grad = _grad_buffer(x) if write_grad else None
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=dev), grad
     lay = tc.layout(B, N)
@@ -234,7 +254,7 @@ def _surrogate(launch, x, pass1_a, pass1_b, write_grad):
 
 
 def dmd_forward(x, x_real_hat, x_fake_hat, eps=1e-8, write_grad=True):
-    """(scalar 0.5 * mean(g^2), gradient g / numel(x) in x's dtype or None); design.md 4.2."""
+    """(scalar 0.5 * mean(g^2), gradient g / numel(x) in saved_grad_dtype(x.dtype) or None); design.md 4.2."""
     B = x.shape[0]
     _check_same_numel(x, "x", x_real_hat=x_real_hat, x_fake_hat=x_fake_hat)
     x = _flat_rows(x, B, "x")
@@ -250,7 +270,7 @@ def dmd_forward(x, x_real_hat, x_fake_hat, eps=1e-8, write_grad=True):
 
 def ratio_generator_forward(x, logit_grad, logits, weight=None, divergence="rkl", normalize=True, clamp=10.0,
                             eps=1e-8, write_grad=True):
-    """(scalar surrogate, gradient g / numel(x) in x's dtype or None); design.md 4.1(b)."""
+    """(scalar surrogate, gradient g / numel(x) in saved_grad_dtype(x.dtype) or None); design.md 4.1(b)."""
     if divergence not in _DIV_CODE:
         raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
     B = x.shape[0]
@@ -274,15 +294,18 @@ class _SurrogateLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if not ctx.saved_tensors:  # only constants required grad: they get none
+            return (None,) * (1 + ctx.n_other)
         (grad,) = ctx.saved_tensors
-        return (tc.scale_grad(grad, grad_output),) + (None,) * ctx.n_other
+        g = tc.scale_grad(grad, grad_output, ctx.x_dtype)
+        return first_order_only((g,) + (None,) * ctx.n_other, ctx.what)
 
 
 class DMDLoss(_SurrogateLoss):
     @staticmethod
     def forward(ctx, x, x_real_hat, x_fake_hat):
         loss, grad = dmd_forward(x, x_real_hat, x_fake_hat, write_grad=ctx.needs_input_grad[0])
-        ctx.n_other = 2
+        ctx.n_other, ctx.x_dtype, ctx.what = 2, x.dtype, "dmd_loss (impl='triton')"
         if grad is not None:
             ctx.save_for_backward(grad.view(x.shape))
         return loss
@@ -293,7 +316,7 @@ class RatioGeneratorLoss(_SurrogateLoss):
     def forward(ctx, x, logit_grad, logits, weight, divergence, normalize, clamp):
         loss, grad = ratio_generator_forward(x, logit_grad, logits, weight, divergence, normalize, clamp,
                                              write_grad=ctx.needs_input_grad[0])
-        ctx.n_other = 6
+        ctx.n_other, ctx.x_dtype, ctx.what = 6, x.dtype, "ratio_generator_loss (impl='triton')"
         if grad is not None:
             ctx.save_for_backward(grad.view(x.shape))
         return loss
@@ -302,13 +325,14 @@ class RatioGeneratorLoss(_SurrogateLoss):
 def dmd_loss(x, x_real_hat, x_fake_hat):
     """Scalar 0.5 * mean((x - sg(x - g))^2) with g = (p_real - p_fake) / (mean|p_real| + 1e-8) per sample in
     fp32; rows with a non-finite g get g = 0. Only x receives a gradient (g / numel(x))."""
-    return DMDLoss.apply(x, x_real_hat, x_fake_hat)
+    return DMDLoss.apply(x, _constant(x_real_hat), _constant(x_fake_hat))
 
 
 def ratio_generator_loss(x, logit_grad, logits, weight=None, divergence="rkl", normalize=True, clamp=10.0):
     """Scalar surrogate whose gradient w.r.t. x is g / numel(x), g_i = w_i h(exp(-l_i)) logit_grad_i /
     (mean|logit_grad_i| + 1e-8) in fp32 (normaliser dropped when normalize=False); non-finite rows get 0."""
-    return RatioGeneratorLoss.apply(x, logit_grad, logits, weight, divergence, normalize, clamp)
+    return RatioGeneratorLoss.apply(x, _constant(logit_grad), _constant(logits), _constant(weight), divergence,
+                                    normalize, clamp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -361,8 +385,8 @@ def ratio_classifier_forward(logits_gen, logits_real, weight=None, write_grad=Tr
     B = lg.numel()
     w = None if weight is None else tc.per_sample_vector(weight, B, lg.device, "weight")
     loss = torch.empty((), dtype=torch.float32, device=lg.device)
-    dg = torch.empty_like(lg) if write_grad else None
-    dr = torch.empty_like(lr) if write_grad else None
+    dg = _grad_buffer(lg) if write_grad else None
+    dr = _grad_buffer(lr) if write_grad else None
     if B == 0:
         return loss.fill_(float("nan")), dg, dr  # mean of nothing, as torch
     block = min(tc.pow2(B), 1024 if not tc.INTERPRETED else 1 << 16)
@@ -378,24 +402,28 @@ class RatioClassifierLoss(torch.autograd.Function):
     def forward(ctx, logits_gen, logits_real, weight):
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss, dg, dr = ratio_classifier_forward(logits_gen, logits_real, weight, write_grad=need)
+        ctx.dtypes = (logits_gen.dtype, logits_real.dtype)
         if need:
             ctx.save_for_backward(dg, dr)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
+        if not ctx.saved_tensors:  # only the weight (a constant) required grad: it gets none
+            return None, None, None
         dg, dr = ctx.saved_tensors
         if not tc.is_one(grad_output):
-            # one value per sample: rescaling in torch is as cheap as a kernel launch here
-            dg = (dg.float() * grad_output.float()).to(dg.dtype)
-            dr = (dr.float() * grad_output.float()).to(dr.dtype)
-        return (dg if ctx.needs_input_grad[0] else None, dr if ctx.needs_input_grad[1] else None, None)
+            # one value per sample: rescaling in torch (fp32) is as cheap as a kernel launch here
+            dg, dr = dg.float() * grad_output.float(), dr.float() * grad_output.float()
+        grads = (dg.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
+                 dr.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None, None)
+        return first_order_only(grads, "ratio_classifier_loss (impl='triton')")
 
 
 def ratio_classifier_loss(logits_gen, logits_real, weight=None):
     """Logistic loss of the ratio classifier, generated = 1, real = 0:
     mean_i w_i (softplus(-l_gen_i) + softplus(l_real_i)), fp32 scalar; gradients for both logits."""
-    return RatioClassifierLoss.apply(logits_gen, logits_real, weight)
+    return RatioClassifierLoss.apply(logits_gen, logits_real, _constant(weight))
 
 
 __all__ = ["denoising_loss", "dmd_loss", "ratio_generator_loss", "ratio_classifier_loss", "DenoisingLoss",

@@ -25,6 +25,7 @@ import triton.language as tl
 from fastonestep.tensors import device_tensor
 
 from . import triton_common as tc
+from .reference import check_batched
 
 LATENT_STREAM_OFFSET = 1 << 62  # counter offset of the latent (z) stream relative to the eps stream
 _MODE_NOISE, _MODE_EPS, _MODE_LATENT = 0, 1, 2
@@ -179,6 +180,7 @@ def add_noise(x0, alpha, sigma, noise=None, seed=None, *, latent_std=None, laten
     mean and the clean sample is (x0 + latent_std * z) * latent_scale_c + latent_bias_c, z = latent_noise or the
     seed's latent stream; latent_scale / latent_bias alone apply just the per-channel affine map. With
     return_x0=True returns (x_t, clean sample), both written by the same pass."""
+    check_batched(x0, "x0", "add_noise")
     for name, t in (("latent_std", latent_std), ("latent_scale", latent_scale), ("latent_bias", latent_bias)):
         if isinstance(t, torch.Tensor) and t.requires_grad:
             raise ValueError(f"add_noise (triton) does not propagate gradients into {name}")

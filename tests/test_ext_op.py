@@ -173,6 +173,24 @@ def test_grad_output_one_is_not_copied(ext):
                                g * torch.tensor([1.0, 2.0, 3.0])[:, None])
 
 
+def test_fp16_gradient_is_written_in_fp32_and_scaled_without_overflow(ext):
+    """The op writes the gradient of fp16 inputs in fp32 (an fp16 g / numel is a subnormal); the backward scales it
+    by grad_output in fp32 (a loss scale of 65536 is inf in fp16) and returns fp16."""
+    x, xr = torch.randn(2, 300).half(), torch.randn(2, 300).half()
+    xf = (xr.float() + 1e-3 * torch.randn(2, 300)).half()
+    _, grad = torch.ops.fastonestep.dmd_loss_fwd(x, xr, xf)
+    assert grad.dtype == torch.float32
+    scaled = ext._scale(grad, torch.tensor(65536.0), dtype=torch.float16)
+    p_real = x.double() - xr.double()
+    want = (xf.double() - xr.double()) / (p_real.abs().mean(1, keepdim=True) + 1e-8) / x.numel() * 65536.0
+    assert scaled.dtype == torch.float16 and torch.isfinite(scaled).all()
+    torch.testing.assert_close(scaled.double(), want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+    # a loss beyond fp32's range is inf, not an error (fkl with clamp=inf and large logits)
+    loss, _ = torch.ops.fastonestep.ratio_generator_loss_fwd(x.float(), x.float(), torch.tensor([50.0, -50.0]), None,
+                                                             2, True, float("inf"))
+    assert loss.item() == float("inf")
+
+
 def test_gradcheck_fp64(ext):
     """The registered autograd formulas against finite differences, where they are true derivatives."""
     F, x_t, x0, sigma = denoising_inputs((3, 2, 3), torch.float64)

@@ -119,6 +119,36 @@ def test_dmd_loss_without_grad_and_second_backward():
     close(xl.grad, 2.0 * g2)
 
 
+def test_functions_applied_to_constants_that_require_grad_return_no_gradient():
+    """The autograd Functions applied directly with only a constant requiring grad (the public wrappers detach
+    constants first): the forward writes no gradient, and the backward returns None for every input instead of
+    unpacking saved tensors that do not exist."""
+    x, rh, fh, lg = randn(3, 9), randn(3, 9), randn(3, 9), randn(3, 9)
+    logits, sigma = torch.randn(3, device=DEV), torch.rand(3, device=DEV) + 0.2
+    cases = [
+        (lambda c: tk.DMDLoss.apply(x, rh, c), fh),
+        (lambda c: tk.RatioGeneratorLoss.apply(x, c, logits, None, "rkl", True, 10.0), lg),
+        (lambda c: tk.DenoisingLoss.apply(x, rh, fh, c, 0.5).sum(), sigma),
+        (lambda c: tk.RatioClassifierLoss.apply(logits, -logits, c), sigma),
+    ]
+    for loss_of, constant in cases:
+        c = constant.clone().requires_grad_(True)
+        assert torch.autograd.grad(loss_of(c), c, allow_unused=True) == (None,)
+
+
+def test_fp16_gradient_is_kept_in_fp32_until_the_backward_scales_it():
+    """g / numel is an fp16 subnormal here; the forward keeps it in fp32 and the backward rounds once, after the
+    loss scale: exact to fp16 rounding, not to the subnormal step."""
+    x, rh = randn(2, 300, dtype=torch.float16), randn(2, 300, dtype=torch.float16)
+    fh = (rh.float() + 1e-3 * randn(2, 300)).half()
+    assert tk.dmd_forward(x, rh, fh)[1].dtype == torch.float32
+    _, (gx,) = grads(lambda x: tk.dmd_loss(x, rh, fh), x, go=65536.0)
+    p_real = x.double() - rh.double()
+    want = (fh.double() - rh.double()) / (p_real.abs().mean(1, keepdim=True) + 1e-8) / x.numel() * 65536.0
+    assert gx.dtype == torch.float16
+    torch.testing.assert_close(gx.double().cpu(), want.cpu(), rtol=2e-3, atol=2e-3 * want.abs().max().item())
+
+
 # --------------------------------------------------------------------------------------------------------------
 # ratio_generator_loss
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""What the backward of every fused loss shares: the csrc op's autograd formulas (kernels/ext.py) and the Triton
+autograd Functions (kernels/triton_losses.py).
+
+- The dtype the forward writes its gradient in (`saved_grad_dtype`), the same rule as csrc/op_checks.h.
+- The backward scales that gradient by grad_output in fp32 and casts once (`scale_in_fp32`): grad_output rounded
+  to fp16 first turns a loss scale of 65536 into inf.
+- No second derivative (`first_order_only`): the backward returns a gradient written by the forward, a constant
+  to autograd, so a gradient of it (create_graph=True, then backward through the result) would silently miss
+  every term that depends on the inputs. Differentiating it raises instead.
+"""
+from __future__ import annotations
+
+import torch
+from torch._C import _functions as _autograd_functions  # DelayedError, what @once_differentiable uses
+
+
+def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The input's dtype, except fp32 for fp16. Gradients of size 1/numel are fp16 subnormals for any realistic
+    sample (below 6.1e-5, in fixed steps of 6e-8), and the backward multiplies them by grad_output (a loss scale
+    of 2^16, say) only afterwards: rounded to fp16 first they keep about one significant digit. Saving fp32 costs
+    2 more bytes per element of the loss input, held until the backward; the generator output is small next to
+    the network's activations. bf16 has fp32's exponent range and keeps its own dtype (and memory)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scale_in_fp32(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype,
+                  per_row: bool = False) -> torch.Tensor:
+    """grad * grad_output in fp32 (fp64 for fp64), cast once to `dtype`; grad_output is a scalar, or one value
+    per row when per_row."""
+    acc = accumulation_dtype(grad.dtype)
+    go = grad_output.to(acc)
+    if per_row:
+        go = go.reshape((-1,) + (1,) * (grad.ndim - 1))
+    return (grad.to(acc) * go).to(dtype)
+
+
+def first_order_only(grads: tuple, what: str) -> tuple:
+    """`grads` as returned by a fused backward; when the backward runs with create_graph=True, each gradient
+    tensor is routed through a node that raises if anything is differentiated through it. Without create_graph
+    (grad mode off in the backward) and in code torch.compile traces (it refuses double backward itself), the
+    gradients pass untouched."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    at = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+    if not at:
+        return grads
+    message = (f"fastonestep.losses.{what} has no second derivative: its backward returns the gradient the forward "
+               "wrote, so a gradient of that gradient (create_graph=True, then backward through it) would miss "
+               "every term that depends on the inputs. Use impl='torch' to differentiate twice.")
+    # The gradients become leaves that require grad, so that the error node is recorded after them (as
+    # torch.autograd.function.once_differentiable does, which only does it when grad_output requires grad:
+    # a create_graph=True backward from a loss gets a grad_output of ones that does not).
+    wrapped = _autograd_functions.DelayedError(message.encode(), len(at))(
+        *[grads[i].detach().requires_grad_(True) for i in at])
+    wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+    out = list(grads)
+    for i, g in zip(at, wrapped):
+        out[i] = g
+    return tuple(out)

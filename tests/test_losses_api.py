@@ -1,0 +1,341 @@
+"""The public loss API (fastonestep.losses) across its implementations, torch / ext / triton (the Triton kernels
+through the interpreter on CPU), against formulas written out here in float64: the latent-sampling RNG streams,
+per-sample argument shapes, the first-order-only backward of the fused paths, fp16 under loss scaling, constants
+that require grad, and the argument checks every implementation shares."""
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+from fastonestep import losses
+
+IMPLS = ["torch", "ext", "triton"]
+FUSED = ["ext", "triton"]
+
+
+def _available(name):
+    if name == "ext":
+        from fastonestep.kernels import ext
+
+        if ext.compiler() is None or ext.ninja() is None:
+            pytest.skip("no C++ compiler or ninja to build csrc/")
+    ok, why = losses.impl_available(name)
+    if not ok:
+        pytest.skip(why)
+    return name
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request, cache_dir):  # cache_dir: the C++ op is built in the session's cache, never ~/.cache
+    return _available(request.param)
+
+
+@pytest.fixture(params=FUSED)
+def fused(request, cache_dir):
+    return _available(request.param)
+
+
+# ------------------------------------------------------------------------------------- independent formulas
+
+
+def rows(t):
+    t = t.double()
+    return t.reshape(t.shape[0], -1)
+
+
+def dmd_exact(x, x_real_hat, x_fake_hat):
+    """(value, gradient w.r.t. x): g = (p_real - p_fake) / (mean|p_real| + 1e-8), value 0.5 mean g^2, grad g/numel."""
+    p_real = rows(x) - rows(x_real_hat)
+    g = (rows(x_fake_hat) - rows(x_real_hat)) / (p_real.abs().mean(1, keepdim=True) + 1e-8)
+    return 0.5 * g.square().mean(), (g / x.numel()).reshape(x.shape)
+
+
+def h_exact(logits, divergence, clamp=10.0):
+    r = torch.exp(-logits.double().clamp(-clamp, clamp))
+    return {"rkl": torch.ones_like(r), "dijs": r / (1 + r), "fkl": r, "hellinger": r.sqrt() / 2}[divergence]
+
+
+def ratio_generator_exact(x, logit_grad, logits, weight, divergence, clamp=10.0):
+    B = x.shape[0]
+    c = h_exact(torch.as_tensor(logits, dtype=torch.float64).reshape(-1).expand(B), divergence, clamp)
+    if weight is not None:
+        c = c * torch.as_tensor(weight, dtype=torch.float64).reshape(-1).expand(B)
+    lg = rows(logit_grad)
+    g = c[:, None] * lg / (lg.abs().mean(1, keepdim=True) + 1e-8)
+    return 0.5 * g.square().mean(), (g / x.numel()).reshape(x.shape)
+
+
+def denoising_exact(F, x_t, x0, sigma, sd):
+    """(per-sample value, gradients w.r.t. F, x_t, x0 of the sum of the values)."""
+    s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(F.shape[0])[:, None]
+    c_skip, c_out, lam = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt(), (s**2 + sd**2) / (s * sd) ** 2
+    err = c_skip * rows(x_t) + c_out * rows(F) - rows(x0)
+    d_err = 2 * lam * err / err.shape[1]
+    return ((lam * err.square()).mean(1),
+            *[(k * d_err).reshape(F.shape) for k in (c_out, c_skip, -torch.ones_like(s))])
+
+
+def classifier_exact(logits_gen, logits_real, weight):
+    """(value, gradient w.r.t. logits_gen, w.r.t. logits_real), one logit per sample."""
+    lg, lr = logits_gen.double().reshape(-1), logits_real.double().reshape(-1)
+    w = torch.ones_like(lg) if weight is None else torch.as_tensor(weight, dtype=torch.float64).reshape(-1).expand(
+        lg.numel())
+    value = (w * (Fn.softplus(-lg) + Fn.softplus(lr))).mean()
+    return (value, (-w * torch.sigmoid(-lg) / lg.numel()).reshape(logits_gen.shape),
+            (w * torch.sigmoid(lr) / lg.numel()).reshape(logits_real.shape))
+
+
+def close(got, want, rtol=1e-5):
+    """Relative to the largest expected magnitude (gradients of size 1/numel are compared fairly)."""
+    want = torch.as_tensor(want, dtype=torch.float64)
+    scale = want.abs().max().item() if want.numel() else 1.0
+    torch.testing.assert_close(got.detach().double(), want, rtol=rtol, atol=rtol * max(scale, 1e-30))
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+# ------------------------------------------------------------------------------------- add_noise latent path
+
+
+def test_latent_z_and_eps_are_independent_streams_of_one_seed(impl):
+    """x_t = alpha (mean + std z) + sigma eps with z and eps both drawn from `seed`: they must be independent
+    (torch's CPU generator keeps only the low 32 bits of a seed, and z used to be seeded with seed + 2**32:
+    z == eps, Var x_t = (alpha std + sigma)^2 instead of alpha^2 std^2 + sigma^2)."""
+    shape, alpha, sigma, std = (16, 4, 32, 32), 0.8, 0.6, 0.5
+    mean = torch.zeros(shape)
+    x_t, clean = losses.add_noise(mean, alpha, sigma, seed=11, latent_std=torch.full(shape, std), return_x0=True,
+                                  impl=impl)
+    z = ((clean.double() - mean.double()) / std).flatten()
+    eps = ((x_t.double() - alpha * clean.double()) / sigma).flatten()
+    for draw in (z, eps):
+        assert abs(draw.mean().item()) < 0.03 and abs(draw.std().item() - 1) < 0.03
+    assert abs(torch.corrcoef(torch.stack([z, eps]))[0, 1].item()) < 0.03  # 65536 pairs: std error 0.004
+    want_var = alpha**2 * std**2 + sigma**2  # 0.52 (z == eps gave 1.0)
+    assert abs(x_t.double().var().item() - want_var) < 0.03
+
+
+def test_latent_z_is_fresh_for_each_unseeded_call_with_given_noise(impl):
+    """noise= given, no seed: eps is the given tensor, but z must still be drawn afresh each call (it used to be
+    seed 0 every time on the torch/ext path), reproducibly under torch.manual_seed."""
+    mean, std, noise = torch.zeros(4, 3, 8), torch.ones(4, 3, 8), torch.randn(4, 3, 8)
+
+    def draw():
+        return losses.add_noise(mean, 1.0, 0.5, noise=noise, latent_std=std, impl=impl)
+
+    torch.manual_seed(5)
+    first, second = draw(), draw()
+    assert not torch.equal(first, second)
+    torch.manual_seed(5)
+    assert torch.equal(draw(), first)
+
+
+# ------------------------------------------------------------------------------------- per-sample shapes
+
+
+@pytest.mark.parametrize("gen_shape, real_shape", [("B", "B"), ("B1", "B1"), ("B1", "B")])
+def test_classifier_takes_one_logit_per_sample_in_any_shape(impl, gen_shape, real_shape):
+    """(B, 1) logits (a network's usual output) are B samples, as (B,) are, next to a (B,) or (B, 1) weight or a
+    float: the reference used to broadcast (B, 1) against a (B,) weight to (B, B)."""
+    B = 5
+    reshape = {"B": lambda t: t, "B1": lambda t: t[:, None]}
+    gen, real, w = reshape[gen_shape](torch.randn(B) * 3), reshape[real_shape](torch.randn(B) * 3), torch.rand(B)
+    for weight in (None, w, w[:, None], 0.7):
+        g, r = leaf(gen), leaf(real)
+        loss = losses.ratio_classifier_loss(g, r, weight, impl=impl)
+        loss.backward()
+        want, want_g, want_r = classifier_exact(gen, real, weight)
+        assert loss.shape == () and g.grad.shape == gen.shape and r.grad.shape == real.shape
+        close(loss, want)
+        close(g.grad, want_g)
+        close(r.grad, want_r)
+
+
+@pytest.mark.parametrize("divergence", ["dijs", "fkl"])
+def test_ratio_generator_takes_per_sample_logits_and_weights_in_any_shape(impl, divergence):
+    """logits and weight as (B,), (B, 1) or a float (the reference used to fail on (B, 1) logits and on a float)."""
+    B = 3
+    x, logit_grad = torch.randn(B, 2, 5), torch.randn(B, 2, 5)
+    logits, w = torch.tensor([-1.5, 0.2, 2.0]), torch.tensor([0.5, 1.0, 2.0])
+    for lo, weight in ((logits[:, None], w), (logits, w[:, None]), (0.3, 2.0), (logits[:, None], 0.5)):
+        xl = leaf(x)
+        loss = losses.ratio_generator_loss(xl, logit_grad, lo, weight, divergence, impl=impl)
+        loss.backward()
+        want, want_grad = ratio_generator_exact(x, logit_grad, lo, weight, divergence)
+        close(loss, want)
+        close(xl.grad, want_grad)
+
+
+def test_per_sample_arguments_of_the_wrong_size_are_named(impl):
+    x, g = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"logits must hold one value per sample \(B=3.*got shape \(3, 2\)"):
+        losses.ratio_generator_loss(x, g, torch.randn(3, 2), impl=impl)
+    with pytest.raises(ValueError, match=r"weight must hold one value per sample \(B=3.*got shape \(2,\)"):
+        losses.ratio_classifier_loss(torch.randn(3, 1), torch.randn(3), torch.rand(2), impl=impl)
+    with pytest.raises(ValueError, match=r"logits_gen \(3,\) and logits_real \(4,\)"):
+        losses.ratio_classifier_loss(torch.randn(3), torch.randn(4), impl=impl)
+    with pytest.raises(ValueError, match=r"sigma must hold one value per sample \(B=3"):
+        losses.denoising_loss(x, x, x, torch.rand(2), 0.5, impl=impl)
+
+
+# ------------------------------------------------------------------------------------- batch and dtype rules
+
+
+def test_one_dimensional_inputs_are_batches_of_scalars(impl):
+    """A (B,) tensor is B samples of one element in every implementation (the reference used to raise
+    IndexError)."""
+    x, rh, fh = torch.randn(5), torch.randn(5), torch.randn(5)
+    xl = leaf(x)
+    loss = losses.dmd_loss(xl, rh, fh, impl=impl)
+    loss.backward()
+    want, want_grad = dmd_exact(x, rh, fh)
+    close(loss, want)
+    close(xl.grad, want_grad)
+    sigma = torch.rand(5) + 0.2
+    Fl = leaf(x)
+    per = losses.denoising_loss(Fl, rh, fh, sigma, 0.5, impl=impl)
+    per.sum().backward()
+    want, want_F, _, _ = denoising_exact(x, rh, fh, sigma, 0.5)
+    close(per, want)
+    close(Fl.grad, want_F)
+
+
+def test_a_0d_input_or_integer_data_is_refused_with_its_name(impl):
+    with pytest.raises(ValueError, match="add_noise: x0 must have a batch dimension"):
+        losses.add_noise(torch.tensor(1.0), 1.0, 0.5, seed=1, impl=impl)
+    with pytest.raises(ValueError, match="dmd_loss: x must have a batch dimension"):
+        losses.dmd_loss(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(2.0), impl=impl)
+    ints = torch.randint(0, 5, (3, 4))
+    with pytest.raises(TypeError, match="dmd_loss: x must be a floating-point tensor, got torch.int64"):
+        losses.dmd_loss(ints, ints, ints, impl=impl)
+    with pytest.raises(TypeError, match="add_noise: x0 must be a floating-point tensor"):
+        losses.add_noise(ints, 1.0, 0.5, seed=1, impl=impl)
+    with pytest.raises(TypeError, match="ratio_classifier_loss: logits_gen must be a floating-point tensor"):
+        losses.ratio_classifier_loss(torch.tensor([1, 2]), torch.tensor([1.0, 2.0]), impl=impl)
+    with pytest.raises(TypeError, match="denoising_loss: x0 must be a floating-point tensor"):
+        losses.denoising_loss(torch.randn(3, 4), torch.randn(3, 4), ints, 1.0, 0.5, impl=impl)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, in the Triton interpreter
+def test_clamp_inf_turns_the_clamp_off(impl):
+    """clamp=inf: no clamp (logits beyond 10 count), and a value beyond fp32's range is inf, not an error (the
+    C++ op refused to store it)."""
+    x, g = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    logits = torch.tensor([12.0, -12.0, 0.0])
+    want, _ = ratio_generator_exact(x, g, logits, None, "fkl", clamp=float("inf"))
+    close(losses.ratio_generator_loss(x, g, logits, None, "fkl", clamp=float("inf"), impl=impl), want)
+    huge = losses.ratio_generator_loss(x, g, torch.tensor([50.0, -50.0, 0.0]), None, "fkl", clamp=float("inf"),
+                                       impl=impl)
+    assert huge.item() == float("inf")
+
+
+# ------------------------------------------------------------------------------------- autograd
+
+
+def test_fused_backward_refuses_a_second_derivative(fused):
+    """create_graph=True, then a gradient of the gradient: the fused backward returns the gradient the forward
+    wrote (a constant to autograd), so the second derivative would silently lack every input-dependent term. It
+    raises instead; the first-order gradient under create_graph is unchanged."""
+    B = 3
+    x, rh, fh, lg = torch.randn(B, 2, 4), torch.randn(B, 2, 4), torch.randn(B, 2, 4), torch.randn(B, 2, 4)
+    sigma = torch.rand(B) + 0.2
+    calls = {
+        "dmd_loss": (lambda t: losses.dmd_loss(t, rh, fh, impl=fused), lambda: dmd_exact(x, rh, fh)[1]),
+        "ratio_generator_loss": (lambda t: losses.ratio_generator_loss(t, lg, torch.randn(B), None, "rkl",
+                                                                       impl=fused),
+                                 lambda: ratio_generator_exact(x, lg, 0.0, None, "rkl")[1]),
+        "denoising_loss": (lambda t: losses.denoising_loss(t, rh, fh, sigma, 0.5, impl=fused).sum(),
+                           lambda: denoising_exact(x, rh, fh, sigma, 0.5)[1]),
+        "ratio_classifier_loss": (lambda t: losses.ratio_classifier_loss(t[:, 0, 0], rh[:, 0, 0], impl=fused),
+                                  None),
+    }
+    for name, (loss_of, first_order) in calls.items():
+        xl = leaf(x)
+        (g,) = torch.autograd.grad(loss_of(xl), xl, create_graph=True)
+        if first_order is not None:
+            close(g, first_order())
+        with pytest.raises(RuntimeError, match=rf"{name} \(impl='{fused}'\) has no second derivative"):
+            (g * g).sum().backward()
+
+
+def test_a_gradient_penalty_through_a_fused_classifier_raises(fused):
+    """The case that was silently wrong: the classifier's logits come from a network, the penalty is on the
+    input gradient (grad_output of the loss is 1 and does not require grad, where once_differentiable alone
+    would not step in)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    a, b = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    loss = losses.ratio_classifier_loss(net(a), net(b), impl=fused)
+    (ga,) = torch.autograd.grad(loss, a, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        ga.square().sum().backward()
+
+
+def test_constants_that_require_grad_get_no_gradient(impl):
+    """x_real_hat, x_fake_hat, logit_grad, logits, sigma and the weights are constants in every implementation:
+    alone they leave the loss without a gradient (the Triton backward used to crash on them), next to a
+    trained input they get None and the trained input its usual gradient."""
+    B = 3
+    x, rh, fh, lg = torch.randn(B, 2, 4), torch.randn(B, 2, 4), torch.randn(B, 2, 4), torch.randn(B, 2, 4)
+    sigma, w, lo = torch.rand(B) + 0.2, torch.rand(B), torch.randn(B)
+    constants_only = [
+        losses.dmd_loss(x, rh, leaf(fh), impl=impl),
+        losses.ratio_generator_loss(x, leaf(lg), leaf(lo), leaf(w), impl=impl),
+        losses.denoising_loss(x, rh, fh, leaf(sigma), 0.5, impl=impl),
+        losses.ratio_classifier_loss(lo, -lo, leaf(w), impl=impl),
+    ]
+    assert not any(loss.requires_grad for loss in constants_only)
+
+    xl, sl, fl = leaf(x), leaf(sigma), leaf(fh)
+    losses.denoising_loss(xl, rh, fh, sl, 0.5, impl=impl).sum().backward()
+    assert sl.grad is None
+    close(xl.grad, denoising_exact(x, rh, fh, sigma, 0.5)[1])
+    xl = leaf(x)
+    losses.dmd_loss(xl, rh, fl, impl=impl).backward()
+    assert fl.grad is None
+    close(xl.grad, dmd_exact(x, rh, fh)[1])
+    gen, wl = leaf(lo), leaf(w)
+    losses.ratio_classifier_loss(gen, -lo, wl, impl=impl).backward()
+    assert wl.grad is None
+    close(gen.grad, classifier_exact(lo, -lo, w)[1])
+
+
+# ------------------------------------------------------------------------------------- fp16 under loss scaling
+
+SCALE = 65536.0  # a typical dynamic loss scale: above fp16's largest finite value (65504)
+
+
+def fp16_close(got, want):
+    """Within fp16 rounding of the exact value (one rounding: 2^-11 relative, here 2e-3 of the largest)."""
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    close(got, want, rtol=2e-3)
+
+
+def test_fp16_gradients_under_loss_scaling(impl):
+    """fp16 inputs, the loss multiplied by 2^16. The fused paths used to round g/numel to fp16 in the forward
+    (subnormals here: 1e-2 relative error once scaled) and the C++ op cast grad_output to fp16 (inf)."""
+    torch.manual_seed(3)
+    B, shape = 4, (4, 8, 16)
+    x, rh = torch.randn(shape).half(), torch.randn(shape).half()
+    fh = (rh.float() + 1e-3 * torch.randn(shape)).half()  # real and fake scores nearly agree: |g| ~ 1e-3
+    xl = leaf(x)
+    (losses.dmd_loss(xl, rh, fh, impl=impl) * SCALE).backward()
+    fp16_close(xl.grad, dmd_exact(x, rh, fh)[1] * SCALE)
+
+    lg, logits = (1e-2 * torch.randn(shape)).half(), torch.randn(B)
+    xl = leaf(x)
+    (losses.ratio_generator_loss(xl, lg, logits, 1e-2, "dijs", impl=impl) * SCALE).backward()
+    fp16_close(xl.grad, ratio_generator_exact(x, lg, logits, 1e-2, "dijs")[1] * SCALE)
+
+    F, x_t, x0, sigma = torch.randn(shape).half(), torch.randn(shape).half(), torch.randn(shape).half(), torch.rand(B)
+    leaves = [leaf(t) for t in (F, x_t, x0)]
+    per = losses.denoising_loss(*leaves, sigma + 0.5, 0.5, impl=impl)
+    per.backward(torch.full((B,), SCALE))
+    for got, want in zip(leaves, denoising_exact(F, x_t, x0, sigma + 0.5, 0.5)[1:]):
+        fp16_close(got.grad, want * SCALE)
+
+    gen, real = leaf(torch.randn(B).half()), leaf(torch.randn(B).half())
+    (losses.ratio_classifier_loss(gen, real, impl=impl) * SCALE).backward()
+    _, want_gen, want_real = classifier_exact(gen, real, None)
+    fp16_close(gen.grad, want_gen * SCALE)
+    fp16_close(real.grad, want_real * SCALE)
