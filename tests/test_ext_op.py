@@ -261,6 +261,18 @@ def test_torch_compile_fullgraph(ext):
         close(a, r, 1e-5)
 
 
+def test_the_public_api_compiles_fullgraph_after_impl_available(ext):
+    """What the README tells a user: impl_available first (it loads the op), then fullgraph through losses."""
+    from fastonestep import losses
+
+    torch._dynamo.reset()
+    assert losses.impl_available("ext") == (True, "")
+    x, xr, xf = (torch.randn(3, 2, 5) for _ in range(3))
+    compiled = torch.compile(lambda *a: losses.dmd_loss(*a, impl="ext"), fullgraph=True, backend="aot_eager")
+    got, want = leaves(x, x)
+    close(compiled(got, xr, xf), losses.dmd_loss(want, xr, xf, impl="torch"), 1e-5)
+
+
 def test_errors(ext):
     with pytest.raises(ValueError, match="divergence"):
         ext.ratio_generator_loss(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2), divergence="kl")
