@@ -22,6 +22,15 @@ from fastonestep.methods.distill import COUNTS, DistillMethod, accumulate, repea
 from fastonestep.networks.build import build_ratio, count_parameters
 
 
+def _keep_finite_rows(grad: torch.Tensor, finite_logit: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """grad with zeros in the rows whose logit (finite_logit False) or gradient is not finite; rows dropped here
+    for their gradient alone are added to `dropped` (the logit ones were counted in the forward)."""
+    finite_grad = torch.isfinite(grad.reshape(grad.shape[0], -1)).all(1)
+    dropped.add_((finite_logit & ~finite_grad).sum())
+    keep = (finite_logit & finite_grad).reshape((-1,) + (1,) * (grad.ndim - 1))
+    return torch.where(keep, grad, torch.zeros_like(grad))
+
+
 class DiffRatio(DistillMethod):
     name = "diffratio"
 
@@ -64,6 +73,8 @@ class DiffRatio(DistillMethod):
                 arch["head_channels"] = rn.head_channels
         else:
             arch = {"hidden": rn.hidden, "depth": rn.depth}
+        # Only the encoder kinds have a teacher part to copy: an "mlp" ratio net always starts from scratch
+        # (its zero output layer makes r = 1 at the start either way).
         init_from = teacher if (rn.init == "teacher" and kind == "encoder") else None
         # "encoder" means the teacher's own encoder half: for an EDM2 teacher that is the MP EDM2 encoder.
         build_kind = "edm2_encoder" if (kind == "encoder" and spec["kind"] == "edm2") else kind
@@ -74,10 +85,6 @@ class DiffRatio(DistillMethod):
                            init_from=init_from, **arch)
 
     # -- training -----------------------------------------------------------------------------------------
-    def generate(self, net, n: int, labels=None):
-        z = torch.randn((n, *self.dataset.shape), generator=self.rng, device=self.device)
-        return student_sample(net, z, [self.cfg.diffratio.sigma_g], labels=labels)
-
     def _sigma(self, n: int, which: str):
         dr = self.cfg.diffratio
         mean, std = (dr.ratio_p_mean, dr.ratio_p_std) if which == "ratio" else (dr.gen_p_mean, dr.gen_p_std)
@@ -117,26 +124,49 @@ class DiffRatio(DistillMethod):
 
     def generator_loss(self, x: torch.Tensor, labels=None, sigma=None, noise=None):
         """The DiffRatio generator loss for generator outputs x (ratio network frozen). Returns (loss, stats).
-        sigma / noise: pre-drawn (global-batch slices); drawn here, in that order, when not given."""
+        sigma / noise: pre-drawn (global-batch slices); drawn here, in that order, when not given.
+        Rows whose logit or logit gradient is not finite are dropped from the update (zero gradient) and counted
+        in gen/nonfinite_samples (in the logit realisation, rows whose gradient only turns non-finite in the
+        backward are counted when the loss is backpropagated)."""
         dr = self.cfg.diffratio
         sigma = self._sigma(x.shape[0], "gen") if sigma is None else sigma
         weight = sigma.square() if dr.weighting == "sigma2" else None
         noise = self.noise_like(x) if noise is None else noise
         x_t = losses.add_noise(x, 1.0, sigma, noise=noise, impl=self.impl)
         if dr.realisation == "logit":
-            # 4.1(a): sum_i sg(w_i h_i) l_i, backpropagated through c into G.
-            logits = self.ratio(x_t, sigma, labels)
-            coef = losses.divergence_weight(logits.detach(), dr.divergence, dr.logit_clamp)
-            if weight is not None:
-                coef = coef * weight
-            loss = (coef * logits).mean()
-            return loss, {"gen/logit": logits.mean().detach()}
-        # 4.1(b): grad_x l by autograd (VE: alpha = 1), normalised per sample, applied as a surrogate.
+            return self._weighted_logit_loss(x_t, sigma, labels, weight)
+        return self._score_difference_loss(x, x_t, sigma, labels, weight)
+
+    def _weighted_logit_loss(self, x_t, sigma, labels, weight):
+        """4.1(a): sum_i sg(w_i h_i) l_i, backpropagated through c into G."""
+        dr = self.cfg.diffratio
+        logits = self.ratio(x_t, sigma, labels)
+        finite = torch.isfinite(logits)
+        dropped = (~finite).sum()
+        if x_t.requires_grad:
+            # A row with a non-finite forward has a NaN backward through c even with a zero incoming gradient
+            # (0 * NaN): zero such rows at x_t, before they reach G's parameters and void the whole update.
+            x_t.register_hook(lambda grad: _keep_finite_rows(grad, finite, dropped))
+        coef = losses.divergence_weight(logits.detach(), dr.divergence, dr.logit_clamp)
+        if weight is not None:
+            coef = coef * weight
+        coef = torch.where(finite, coef, 0.0)  # where, not a product: 0 * NaN would still be NaN
+        loss = (coef * torch.where(finite, logits, 0.0)).mean()
+        return loss, {"gen/logit": logits.mean().detach(), "gen/nonfinite_samples": dropped}
+
+    def _score_difference_loss(self, x, x_t, sigma, labels, weight):
+        """4.1(b): grad_x l by autograd (VE: alpha = 1), normalised per sample, applied as a surrogate."""
+        dr = self.cfg.diffratio
         x_t = x_t.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = self.ratio(x_t, sigma, labels)
             (logit_grad,) = torch.autograd.grad(logits.sum(), x_t)
-        bad = (~torch.isfinite(logit_grad.flatten(1)).all(1)).sum()
+        finite_logit = torch.isfinite(logits.detach())
+        bad = (~(finite_logit & torch.isfinite(logit_grad.flatten(1)).all(1))).sum()
+        # The loss zeroes rows whose g is not finite; a row with a finite gradient but a non-finite logit would
+        # stay (rkl's h = 1 never reads the logit): a zero weight drops it too, with no pass over logit_grad.
+        keep = finite_logit.float()
+        weight = keep if weight is None else weight * keep
         loss = losses.ratio_generator_loss(x, logit_grad, logits.detach(), weight, dr.divergence,
                                            normalize=dr.normalize, clamp=dr.logit_clamp, impl=self.impl)
         return loss, {"gen/logit": logits.mean().detach(), "gen/nonfinite_samples": bad,
