@@ -131,7 +131,9 @@ def surrogate_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     them once |g| < ulp(x)): clamped logits or small time weights then get a noisy, biased update. Here
     the value is computed from g and the gradient comes from a term linear in x, so neither cancels."""
     g = g.detach()
-    linear = (x.float() * g).sum() / x.numel()
+    # A NaN/Inf element of x sits in a row whose g is 0: without nan_to_num, 0 * NaN would make the value NaN
+    # where the fused kernels (and 0.5*mean(g^2)) give a number; the gradient is g / numel either way.
+    linear = (x.float().nan_to_num(0.0, 0.0, 0.0) * g).sum() / x.numel()
     return 0.5 * g.square().mean() + (linear - linear.detach())
 
 

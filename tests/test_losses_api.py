@@ -339,3 +339,21 @@ def test_fp16_gradients_under_loss_scaling(impl):
     _, want_gen, want_real = classifier_exact(gen, real, None)
     fp16_close(gen.grad, want_gen * SCALE)
     fp16_close(real.grad, want_real * SCALE)
+
+
+def test_a_nonfinite_row_of_x_gives_the_same_finite_value_in_every_implementation(impl):
+    """The row is dropped (zero gradient); the value is 0.5 mean g^2 over the other rows' g, as the fused kernels
+    compute it (the reference gave NaN: its surrogate multiplied the NaN by the row's zero)."""
+    x, x_real_hat, x_fake_hat, logit_grad = (torch.randn(3, 2, 4) for _ in range(4))
+    x[1, 0, 2] = float("nan")
+    x[2, 1, 1] = float("inf")
+    finite = torch.tensor([True, False, False])
+    want_value, want_grad = dmd_exact(x[finite], x_real_hat[finite], x_fake_hat[finite])
+    x_ = leaf(x)
+    value = losses.dmd_loss(x_, x_real_hat, x_fake_hat, impl=impl)
+    value.backward()
+    close(value, want_value * finite.sum() / 3)  # the dropped rows count in the mean as zeros
+    close(x_.grad[finite], want_grad * finite.sum() / 3)
+    assert torch.equal(x_.grad[~finite], torch.zeros_like(x_.grad[~finite]))
+    value = losses.ratio_generator_loss(x, logit_grad, torch.randn(3), None, "dijs", impl=impl)
+    assert torch.isfinite(value)
