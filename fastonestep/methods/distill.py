@@ -25,8 +25,8 @@ from fastonestep.networks.build import set_dropout
 def missing_teacher_message(teacher: str, path: str) -> str:
     what = f"'{teacher}' has no model.safetensors (is the teacher run finished?)" if os.path.isdir(teacher) \
         else f"'{teacher}' does not exist"
-    return (f"config key 'teacher': {what}; train a teacher first (e.g. `fastonestep train configs/toy2d/edm.yaml "
-            "--out runs/edm`) and pass teacher=RUN_DIR")
+    return (f"config key 'teacher': {what}; train a teacher first (method=edm: configs/toy2d/edm.yaml, "
+            "configs/mnist/teacher.yaml or configs/imagenet512/edm2_*.yaml) and pass teacher=ITS_RUN_DIR")
 
 
 def student_spec(teacher_spec: dict, dropout: float) -> dict:
