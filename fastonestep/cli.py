@@ -16,6 +16,7 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def _cmd_train(args) -> int:
     from fastonestep.config import load_config
+    from fastonestep.engine.distributed import close_process_group
     from fastonestep.engine.loop import train
 
     if args.gpus is not None and not args.dry_run:
@@ -31,22 +32,10 @@ def _cmd_train(args) -> int:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out '{out}' is a file; the run directory must be a directory (new or a run's)")
     metrics = train(cfg, out, progress=not args.no_progress)
-    _close_process_group()
+    close_process_group()
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns rank 0's metrics: print them once
         print(json.dumps(_headline(metrics), indent=2))
     return 0
-
-
-def _close_process_group() -> None:
-    """Before the interpreter exits: left to static destruction, gloo's threads can abort the process (SIGABRT,
-    "terminate called without an active exception") after a run that succeeded."""
-    import gc
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        gc.collect()  # the run's DDP modules hold the group: freed in a cycle, not at train()'s return
-        dist.destroy_process_group()
 
 
 def _headline(metrics: dict) -> dict:
@@ -439,7 +428,9 @@ def main(argv=None) -> int:
         print(f"fastonestep: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:  # every rank agreed to stop at the same step: the group can close
-        _close_process_group()
+        from fastonestep.engine.distributed import close_process_group
+
+        close_process_group()
         print(f"fastonestep: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ on a file system every rank sees (DeepSpeed writes one shard per rank; rank 0 pu
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -435,10 +436,6 @@ class Backend:
             save_checkpoint(run_dir, step, make_state())
         self.barrier()
 
-    def close(self) -> None:
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 class DDPBackend(Backend):
     kind = "ddp"
@@ -566,6 +563,16 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def close_process_group() -> None:
+    """Once per process, after its last train() (make_backend keeps the group for the next call in the same
+    process): left to static destruction, gloo's threads can abort a run that succeeded (SIGABRT, "terminate
+    called without an active exception"). The run's DDP modules hold the group in a reference cycle: collected
+    first, or destroying the group does not free it."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def make_backend(cfg: Config) -> Backend:
