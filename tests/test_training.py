@@ -53,6 +53,21 @@ def test_resume_equals_uninterrupted(tmp_path, toy_teacher, method):
     assert strip(stats_rows(tmp_path / "full")) == strip(stats_rows(tmp_path / "split"))
 
 
+def test_more_steps_after_a_run_that_ended_inside_a_log_interval_log_that_interval_whole(tmp_path):
+    """15 steps (log_every 10: a partial line at 15), then 20: stats.jsonl as if the run had always been 20."""
+    extra = ["eval.num_samples=200", "eval.batch_size=200"]
+    train(teacher_cfg("train.steps=20", *extra), str(tmp_path / "full"), **QUIET)
+    train(teacher_cfg("train.steps=15", *extra), str(tmp_path / "split"), **QUIET)
+    assert [r["step"] for r in stats_rows(tmp_path / "split")] == [10, 15]
+    train(teacher_cfg("train.steps=20", *extra), str(tmp_path / "split"), **QUIET)
+    assert_same_weights(tmp_path / "full", tmp_path / "split")
+    drop = ("images_per_sec", "sec_per_kimg", "peak_memory_mb", "time")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
+    assert strip(stats_rows(tmp_path / "split")) == strip(stats_rows(tmp_path / "full"))
+    train(teacher_cfg("train.steps=20", *extra), str(tmp_path / "split"), **QUIET)  # finished: nothing dropped
+    assert [r["step"] for r in stats_rows(tmp_path / "split")] == [10, 20]
+
+
 def test_crash_mid_run_resumes_cleanly(tmp_path, monkeypatch):
     cfg = teacher_cfg("train.steps=30", "train.checkpoint_every=10", "eval.num_samples=200")
     train(cfg, str(tmp_path / "full"), **QUIET)

@@ -155,6 +155,14 @@ def train(cfg: Config, run_dir: str, progress: bool = True, log=print) -> dict:
         return _train(cfg, run_dir, backend, progress and backend.is_main, log)
 
 
+def _continues_logged_interval(state: dict | None, cfg: Config) -> bool:
+    """Whether the checkpoint ended a shorter run inside a log interval and this run goes on: the partial line
+    that run logged at its last step is dropped, and its sums (in the checkpoint) go into the next line."""
+    if not state or state["step"] >= cfg.train.steps:
+        return False
+    return (state.get("stats") or {}).get("logged_at") == state["step"]
+
+
 def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
     main = backend.is_main
     metrics_path = os.path.join(run_dir, "metrics.json")
@@ -187,7 +195,7 @@ def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
             load_default_rng_state(state, method.device)
             log(f"resuming from {ckpt_path} (step {start})")
         if main:  # also on a fresh start: lines of an attempt that never checkpointed
-            truncate_stats(run_dir, start)
+            truncate_stats(run_dir, start - 1 if _continues_logged_interval(state, cfg) else start)
             truncate_eval_log(run_dir, start)
         backend.barrier()  # every rank has checked the saved config and restored its state
         if main:  # only now: a refused or failed start leaves the run's config.yaml as it was
@@ -201,8 +209,9 @@ def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
             stats = StatsLogger(run_dir, method.device, backend)
             stats.load_pending_state(state.get("stats") if state else None, holds_totals=main)
 
-            def save_checkpoint(done: int) -> None:
-                pending = stats.pending_state()  # collective: every rank, before the engines' shards
+            def save_checkpoint(done: int, pending: dict | None = None) -> None:
+                if pending is None:
+                    pending = stats.pending_state()  # collective: every rank, before the engines' shards
                 # collective: the checkpoint holds the whole EMAs (written by rank 0)
                 with method.ema.gathered(), method.posthoc.gathered():
                     backend.save_checkpoint(run_dir, done, lambda: {
@@ -219,7 +228,12 @@ def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
                     row = method.step(loader.next, step, step * batch)
                 stats.add(row, batch)
                 done = step + 1
+                # The last line of a run that ends inside a log interval is partial: its checkpoint keeps the
+                # interval's sums, so a run continued with more train.steps logs that interval whole.
+                carried = None
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    if done % cfg.train.log_every:
+                        carried = {**stats.pending_state(), "logged_at": done}  # collective, like the flush
                     line = stats.flush(done, done * batch)
                     if board is not None:
                         board.stats(line)
@@ -241,7 +255,7 @@ def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
                     stats.exclude(0.0)  # like a checkpoint: its memory peak (the assembled EMAs) is not training's
                 saved = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
                 if saved:
-                    save_checkpoint(done)
+                    save_checkpoint(done, carried)
                 if bar is not None:
                     bar.update(1)
                 stop_signal = stop.agreed()
