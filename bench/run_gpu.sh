@@ -2,7 +2,7 @@
 # Every GPU-only check and measurement of the project in one command, sized for one device call (at most
 # about 9 minutes on one H100/H200, under the device tool's 10-minute limit per command), from the repo root:
 #
-#     bash bench/run_gpu.sh        # device tool: carry [".whl"] (bash bench/make_wheels.sh)
+#     FASTONESTEP_COMMIT=<commit> bash bench/run_gpu.sh   # device tool: carry [".whl"] (bash bench/make_wheels.sh)
 #
 # Phases, each under its own time limit, each run whatever the one before it did:
 #   1. gpu-tests (TEST_SECONDS=210): the compiled Triton kernels (the gpu_* tests, and the NaN-row, extreme-logit,
@@ -13,11 +13,12 @@
 #      (tests/test_student_dropout.py). Most important first: a cut phase loses the last ones.
 #   2. self-check (CHECK_SECONDS=40): kernels/self_check.py for triton and ext on cuda, as training runs it.
 #   3. bench-kernels (KERNEL_SECONDS=150): `fastonestep bench kernels --quick` (eager, torch.compile, Triton,
-#      CUDA op at B32-4x64x64 and the large size; rows are written per case, so a cut run keeps its rows).
+#      CUDA op at B32-4x64x64 and the large size; fp32 first, every loss at both sizes, then bf16; rows are
+#      written per case and no case starts in the last 30 s, so a short budget costs bf16 cases, not losses).
 #   4. bench-step (STEP_SECONDS=130): bench/run_step_gpu.sh, DiffRatio vs DMD2 at EDM2-S (STEP_SIZES=s), the single
-#      backend first, then DeepSpeed bf16 ZeRO-2 (then 1, 3) while time is left: about four cases fit, so S on
-#      single and ZeRO-2 rather than S and M on single. The whole sweep (S and M, every stage, about 10 minutes)
-#      is `bash bench/run_step_gpu.sh` in a device call of its own.
+#      backend first, then DeepSpeed bf16 ZeRO-2 (then 1, 3) while time is left: after set-up and before the
+#      report about 85 s remain, enough for the two single-backend cases, ZeRO-2 only if they are quick. The
+#      whole sweep (S and M, every stage, at most 9 minutes) is `bash bench/run_step_gpu.sh` in a call of its own.
 # Writes summary.txt, kernels.csv, step.csv and results.tar.gz (each phase's log, kernels.png, step.md/.png) to
 # $OUT (the device runner's folder: few files come back), else the same files unpacked to bench/results/. Copy the CSVs to
 # bench/results/ and put the tables in the README.
@@ -34,6 +35,14 @@ mkdir -p "$DEST"
 source bench/use_carried_wheels.sh
 export FASTONESTEP_CACHE="${FASTONESTEP_CACHE:-${TMPDIR:-/tmp}/fastonestep-cache}"
 export FASTONESTEP_TEST_CACHE="$FASTONESTEP_CACHE"
+# The rows' commit tag. A device machine gets the working tree without .git: name the commit when calling,
+# FASTONESTEP_COMMIT=<git rev-parse --short HEAD here, plus -dirty for uncommitted changes> bash bench/run_gpu.sh
+if [ -z "${FASTONESTEP_COMMIT:-}" ]; then
+  FASTONESTEP_COMMIT=$("$PY" -c "from fastonestep.benchmark.kernels import git_commit; print(git_commit())")
+fi
+export FASTONESTEP_COMMIT
+echo "rows tagged commit=$FASTONESTEP_COMMIT"
+[ "$FASTONESTEP_COMMIT" != unknown ] || echo "WARNING: no commit known here (no .git): set FASTONESTEP_COMMIT" >&2
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "no CUDA GPU: these are the GPU-only checks; on a CPU run 'make test'" >&2
   exit 2
@@ -63,9 +72,12 @@ results = {impl: losses.impl_available(impl, "cuda") for impl in ("triton", "ext
 for impl, (ok, why) in results.items():
     print(impl + ": " + ("matches the eager reference" if ok else why))
 sys.exit(0 if all(ok for ok, _ in results.values()) else 1)'
+# --max-seconds: no case starts in the last 30 s (one case in flight, then the table and the plot), so the
+# phase ends by itself, report included, rather than by the timeout.
 phase bench-kernels "${KERNEL_SECONDS:-150}" "$PY" -m fastonestep bench kernels --quick --out "$DEST/kernels.csv" \
-  --plot "$DEST/kernels.png"
-phase bench-step "${STEP_SECONDS:-130}" env OUT="$DEST" MAX_SECONDS=$(( ${STEP_SECONDS:-130} - 20 )) \
+  --plot "$DEST/kernels.png" --max-seconds $(( ${KERNEL_SECONDS:-150} - 30 ))
+# MAX_SECONDS is the step script's whole budget (its set-up and report included); 5 s spare for the shutdown.
+phase bench-step "${STEP_SECONDS:-130}" env OUT="$DEST" MAX_SECONDS=$(( ${STEP_SECONDS:-130} - 5 )) \
   CASE_TIMEOUT=100 CKPT=off SIZES="${STEP_SIZES:-s}" bash bench/run_step_gpu.sh
 # The device tool brings back only a few files: the CSVs and the summary as they are, the rest in one archive.
 if [ -n "${OUT:-}" ]; then

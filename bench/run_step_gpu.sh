@@ -12,18 +12,32 @@
 # carried in .whl/ at the repository root (a wheel is a zip: no pip needed). A ZeRO case that cannot run
 # (deepspeed missing, a method not on the distributed API yet) becomes a `skipped` row with the reason.
 #
-# Budget: about 8 minutes on one H100 (16 cases x ~25 s; cases not started after MAX_SECONDS are recorded as
-# skipped), plus about 2 minutes for the activation-checkpointing cases. Knobs (environment): WARMUP=5 ITERS=10
-# BATCH=s=32,m=16 SIZES=s,m MAX_SECONDS=420 CASE_TIMEOUT=150 CKPT=on.
+# Budget: MAX_SECONDS for the whole script, set-up and report included: each sweep gets what is left of it
+# (RESERVE_SECONDS kept for the report), and a case that cannot start in time becomes a skipped row. The
+# default 540 fits one 10-minute device call: about 7 minutes for the 16 cases (~25 s each on one H100), then
+# the activation-checkpointing cases. Knobs (environment): WARMUP=5 ITERS=10 BATCH=s=32,m=16 SIZES=s,m
+# MAX_SECONDS=540 RESERVE_SECONDS=20 CASE_TIMEOUT=150 CKPT=on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 DEST="${OUT:-bench/results}"
 mkdir -p "$DEST"
 WARMUP="${WARMUP:-5}"; ITERS="${ITERS:-10}"; BATCH="${BATCH:-s=32,m=16}"; SIZES="${SIZES:-s,m}"
-MAX_SECONDS="${MAX_SECONDS:-420}"; CASE_TIMEOUT="${CASE_TIMEOUT:-150}"
+MAX_SECONDS="${MAX_SECONDS:-540}"; RESERVE_SECONDS="${RESERVE_SECONDS:-20}"; CASE_TIMEOUT="${CASE_TIMEOUT:-150}"
+seconds_left() {  # of the script's budget, less the report's reserve (and the CLI's start); at least 1 (0 = no limit)
+  local left=$(( MAX_SECONDS - RESERVE_SECONDS - SECONDS ))
+  echo $(( left > 1 ? left : 1 ))
+}
 # shellcheck source=use_carried_wheels.sh
 source bench/use_carried_wheels.sh
+# The rows' commit tag. A device machine gets the working tree without .git: name the commit when calling,
+# FASTONESTEP_COMMIT=<git rev-parse --short HEAD here, plus -dirty for uncommitted changes> bash bench/run_step_gpu.sh
+if [ -z "${FASTONESTEP_COMMIT:-}" ]; then
+  FASTONESTEP_COMMIT=$("$PY" -c "from fastonestep.benchmark.kernels import git_commit; print(git_commit())")
+fi
+export FASTONESTEP_COMMIT
+echo "rows tagged commit=$FASTONESTEP_COMMIT"
+[ "$FASTONESTEP_COMMIT" != unknown ] || echo "WARNING: no commit known here (no .git): set FASTONESTEP_COMMIT" >&2
 
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 echo "GPUs: $NGPU"
@@ -37,16 +51,16 @@ PLOT=()
 COMMON=(--methods diffratio,dmd --sizes "$SIZES" --batch-per-gpu "$BATCH" --warmup "$WARMUP" --iters "$ITERS"
         --case-timeout "$CASE_TIMEOUT" --out "$DEST/step.csv")
 # The headline comparison (single backend) runs first, then the ZeRO stages (2, the default stage, first).
-"$PY" -m fastonestep bench step "${COMMON[@]}" --backends single,zero2,zero1,zero3 --max-seconds "$MAX_SECONDS" \
+"$PY" -m fastonestep bench step "${COMMON[@]}" --backends single,zero2,zero1,zero3 --max-seconds "$(seconds_left)" \
   2>&1 | tee "$DEST/step-sweep.log"
 if [ "$NGPU" -gt 1 ]; then
   "$PY" -m fastonestep bench step "${COMMON[@]}" --backends ddp,zero2,zero1,zero3 --nproc "$NGPU" \
-    --max-seconds "$MAX_SECONDS" 2>&1 | tee -a "$DEST/step-sweep.log"
+    --max-seconds "$(seconds_left)" 2>&1 | tee -a "$DEST/step-sweep.log"
 fi
 # What train.activation_checkpointing costs in images/s and saves in peak memory (single backend; CKPT=off skips).
 if [ "${CKPT:-on}" = "on" ]; then
   "$PY" -m fastonestep bench step "${COMMON[@]}" --backends single --activation-checkpointing on \
-    --max-seconds "$MAX_SECONDS" 2>&1 | tee -a "$DEST/step-sweep.log"
+    --max-seconds "$(seconds_left)" 2>&1 | tee -a "$DEST/step-sweep.log"
 fi
 "$PY" -m fastonestep bench step --no-run --out "$DEST/step.csv" "${PLOT[@]}" > "$DEST/step.md"
 cat "$DEST/step.md"

@@ -159,3 +159,53 @@ def test_reports_prefer_gpu_rows(quick_csv, tmp_path):
     assert "| dmd_loss | B32-4x64x64 | fp32 |" in table and "4.00x" in table
     K.plot(gpu_csv, tmp_path / "gpu.png")
     assert (tmp_path / "gpu.png").stat().st_size > 1000
+
+
+def test_commit_tag_comes_from_the_environment_where_git_cannot_tell(tmp_path, monkeypatch):
+    # A device machine gets the working tree without .git: the caller names the commit.
+    monkeypatch.setenv(K.COMMIT_ENV, "0123abc-dirty")
+    assert K.git_commit() == "0123abc-dirty"
+    rows = K.run(quick=True, losses=["dmd_loss"], providers=["eager"], modes=["full"], device="cpu",
+                 out_csv=None, log=lambda *_: None)
+    assert {r["commit"] for r in rows} == {"0123abc-dirty"}
+
+
+def test_commit_tag_marks_uncommitted_changes(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.delenv(K.COMMIT_ENV, raising=False)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (repo / "f.txt").write_text("a\n")
+    subprocess.run(git + ["add", "f.txt"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert K._git(repo, "rev-parse", "--short", "HEAD") == head
+    monkeypatch.setattr(K, "_checkout_dirs", lambda: (repo,))  # the package "lives" in this repo
+    assert K.git_commit() == head
+    (repo / "f.txt").write_text("b\n")
+    assert K.git_commit() == head + "-dirty"
+
+
+def test_cases_run_dtype_then_size_then_loss():
+    # A run cut short keeps every loss at the first dtype, realistic and large size alike.
+    sizes = [("B32-4x64x64", K.GPU_SIZES["B32-4x64x64"]), ("large", K.GPU_SIZES["large-256x4x128x128"])]
+    order = K.case_order(list(K.LOSSES), sizes, ["fp32", "bf16"])
+    first_half = order[: len(order) // 2]
+    assert {d for _, _, d in first_half} == {"fp32"}
+    assert {(loss, label) for loss, (label, _), _ in first_half} == {(l, s) for l in K.LOSSES for s, _ in sizes}
+
+
+def test_a_spent_budget_skips_the_remaining_cases_with_a_row_each(tmp_path):
+    path = tmp_path / "k.csv"
+    rows = K.run(quick=True, losses=["dmd_loss", "ratio_classifier_loss"], providers=["eager"], device="cpu",
+                 out_csv=str(path), max_seconds=1e-9, log=lambda *_: None)
+    assert rows[0]["loss"] == "copy" and rows[0]["status"] == "ok"
+    skipped = rows[1:]
+    assert [r["loss"] for r in skipped] == ["dmd_loss", "ratio_classifier_loss"]
+    for r in skipped:
+        assert r["status"] == "skipped" and "--max-seconds" in r["note"] and r["median_ms"] is None
+    assert len(K.read_rows(path)) == len(rows)
+    assert "| dmd_loss |" not in K.markdown_table(path)  # nothing measured, nothing claimed

@@ -66,10 +66,54 @@ def test_compare_runs_end_to_end_at_a_tiny_setting(tmp_path, cache_dir):
     table = out.with_suffix(".md").read_text()
     assert all(label in table for label in labels)
     assert out.with_suffix(".png").stat().st_size > 0
-    assert all(r["peak_memory_mb"] is None for r in rows)  # in-process on a CPU: no per-run peak to report
+    # in-process: each run's peak restarted before it where the system allows, else none to report
+    assert all((r["peak_memory_mb"] > 0) if compare.restart_peak_rss() else (r["peak_memory_mb"] is None)
+               for r in rows)
     # A re-run reuses the finished runs (here through the isolated `fastonestep train` process): same numbers.
     again = compare.run(str(out), quick=True, setups=("toy",), methods=["DMD"], isolate=True, log=lambda *_: None)
     (dmd,) = again["rows"]
     assert dmd["energy_distance"] == next(r["energy_distance"] for r in rows if r["method"] == "DMD"
                                           and r["setup"] == "toy")
     assert dmd["peak_memory_mb"] > 0
+
+
+def _write_stats(run_dir, peaks):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"step": i + 1, "sec_per_kimg": 1.0, "peak_memory_mb": p}) for i, p in enumerate(peaks)]
+    (run_dir / "stats.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_a_runs_peak_memory_is_its_largest_logged_peak(tmp_path):
+    # On a GPU every log line holds the peak of its own interval: the last line alone can miss the run's peak.
+    _write_stats(tmp_path, [900.0, 500.0, 700.0])
+    metrics = {"one_step": {"num_samples": 4, "energy_distance": 0.1}, "steps": 3, "parameters": {}}
+    entry = compare.Entry("DMD", "dmd")
+    row = compare._row(compare.SETUPS["toy"], entry, metrics, tmp_path, 8, own_peak=True)
+    assert row["peak_memory_mb"] == 900.0
+    assert compare._row(compare.SETUPS["toy"], entry, metrics, tmp_path, 8, own_peak=False)["peak_memory_mb"] is None
+
+
+def _rss_peak_mb():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_restarting_the_peak_rss_forgets_an_earlier_peak():
+    if not compare.restart_peak_rss():
+        pytest.skip("this system cannot restart a process's peak RSS (/proc/self/clear_refs)")
+    block = bytearray(256 * 2**20)  # touched by the zero fill: resident
+    high = _rss_peak_mb()
+    del block
+    assert compare.restart_peak_rss()
+    assert _rss_peak_mb() < high - 128
+
+
+def test_quick_in_process_runs_report_their_own_peak(tmp_path, cache_dir):
+    if not compare.restart_peak_rss():
+        pytest.skip("this system cannot restart a process's peak RSS (/proc/self/clear_refs)")
+    result = compare.run(str(tmp_path / "c.json"), quick=True, setups=("toy",), methods=["DMD"], isolate=False,
+                         log=lambda *_: None)
+    (row,) = result["rows"]
+    assert row["peak_memory_mb"] > 0
+    assert f"| {compare._fmt(row['peak_memory_mb'])} |" in compare.markdown_table(result["rows"])

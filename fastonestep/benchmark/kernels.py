@@ -24,7 +24,8 @@ copy bandwidth measured in the same run (`dst.copy_(src)` on a large tensor, rea
 Rows are appended to a CSV (default bench/results/kernels.csv), tagged with device, torch/triton versions,
 git commit and UTC date. `plot()` and `markdown_table()` summarise the latest commit's rows.
 
-    fastonestep bench kernels [--quick] [--losses a,b] [--providers eager,triton] [--out CSV] [--plot PNG]
+    fastonestep bench kernels [--quick] [--losses a,b] [--providers eager,triton] [--max-seconds S] [--out CSV]
+                              [--plot PNG]
     python -m fastonestep.benchmark.kernels --quick
 """
 from __future__ import annotations
@@ -507,16 +508,35 @@ def _triton_version() -> str:
     return getattr(triton, "__version__", "unknown")
 
 
+COMMIT_ENV = "FASTONESTEP_COMMIT"
+
+
+def _git(where, *args) -> str | None:
+    """git's stripped stdout in `where`, or None when git is missing or fails there."""
+    try:
+        out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _checkout_dirs() -> tuple:
+    """Where to ask git: the checkout this package runs from, then the working directory."""
+    return Path(__file__).resolve().parents[2], Path.cwd()
+
+
 def git_commit() -> str:
-    here = Path(__file__).resolve().parents[2]
-    for where in (here, Path.cwd()):
-        try:
-            out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True,
-                                 text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
+    """The commit rows are tagged with. FASTONESTEP_COMMIT wins: a copy of the checkout without .git (what a
+    device machine gets) cannot ask git. Otherwise the short HEAD, with "-dirty" when tracked files differ
+    from it, so numbers of uncommitted code are never filed under the commit."""
+    given = os.environ.get(COMMIT_ENV, "").strip()
+    if given:
+        return given
+    for where in _checkout_dirs():
+        head = _git(where, "rev-parse", "--short", "HEAD")
+        if head:
+            dirty = _git(where, "status", "--porcelain", "--untracked-files=no")
+            return head + ("-dirty" if dirty else "")
     return "unknown"
 
 
@@ -611,9 +631,12 @@ def _row_line(r) -> str:
 
 
 def run(quick: bool = False, losses=None, out_csv="bench/results/kernels.csv", providers=None, *, sizes=None,
-        dtypes=None, modes=None, device=None, timing: Timing | None = None, log=None) -> list:
+        dtypes=None, modes=None, device=None, timing: Timing | None = None, max_seconds: float = 0.0,
+        log=None) -> list:
     """Benchmarks every (loss, size, dtype, provider, mode); appends the rows to `out_csv` (None: no CSV)
-    after each (loss, size, dtype) case and returns them. CPU runs use tiny sizes and fp32 unless told."""
+    after each (loss, size, dtype) case and returns them. CPU runs use tiny sizes and fp32 unless told.
+    max_seconds > 0: a case not started within that many seconds gets one `skipped` row instead, so a run
+    under an outer time limit ends by itself, with its report (see case_order for what comes first)."""
     log = log or functools.partial(print, flush=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
@@ -663,31 +686,49 @@ def run(quick: bool = False, losses=None, out_csv="bench/results/kernels.csv", p
             append_rows(out_csv, [copy_row])
         all_rows.append(copy_row)
 
-        for loss in losses:
-            for label, shape in size_list:
-                for dname in dtype_names:
-                    try:
-                        rows = _run_case(loss, label, shape, DTYPES[dname], device, providers,
-                                         [m for m in modes if m in BYTES_MOVED[loss]], timing, tags, copy_gbps)
-                    except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, go on with the next case
-                        row = dict.fromkeys(COLUMNS)
-                        row.update(loss=loss, provider="all", mode="all", size=label, shape="x".join(map(str, shape)),
-                                   dtype=dname, status="error", note=_one_line(f"{type(e).__name__}: {e}"), **tags)
-                        rows = [row]
-                        if on_gpu:
-                            torch.cuda.empty_cache()
-                    _speedups(rows)
-                    for r in rows:
-                        log(_row_line(r))
-                    if out_csv:
-                        append_rows(out_csv, rows)
-                    all_rows.extend(rows)
+        deadline = time.perf_counter() + max_seconds if max_seconds else math.inf
+        for loss, (label, shape), dname in case_order(losses, size_list, dtype_names):
+            if time.perf_counter() > deadline:
+                rows = [_case_row(loss, label, shape, dname, tags, "skipped",
+                                  f"time budget --max-seconds {max_seconds:g} spent before this case")]
+            else:
+                rows = _measure_case(loss, label, shape, dname, device, providers, modes, timing, tags, copy_gbps)
+            _speedups(rows)
+            for r in rows:
+                log(_row_line(r))
+            if out_csv:
+                append_rows(out_csv, rows)
+            all_rows.extend(rows)
     finally:
         if forced:
             os.environ["FASTONESTEP_IMPL"] = forced
     if out_csv:
         log(f"  appended {len(all_rows)} rows to {out_csv}")
     return all_rows
+
+
+def case_order(losses, size_list, dtype_names) -> list:
+    """(loss, (label, shape), dtype name) in run order: dtype, then size, then loss. A run cut short by its
+    budget then still has every loss at the first dtype, at the realistic and the large size alike."""
+    return [(loss, size, dname) for dname in dtype_names for size in size_list for loss in losses]
+
+
+def _case_row(loss, label, shape, dname, tags, status, note) -> dict:
+    """The one row of a case that was not measured (an error, or no time left)."""
+    row = dict.fromkeys(COLUMNS)
+    row.update(loss=loss, provider="all", mode="all", size=label, shape="x".join(map(str, shape)), dtype=dname,
+               status=status, note=note, **tags)
+    return row
+
+
+def _measure_case(loss, label, shape, dname, device, providers, modes, timing, tags, copy_gbps) -> list:
+    try:
+        return _run_case(loss, label, shape, DTYPES[dname], device, providers,
+                         [m for m in modes if m in BYTES_MOVED[loss]], timing, tags, copy_gbps)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, go on with the next case
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [_case_row(loss, label, shape, dname, tags, "error", _one_line(f"{type(e).__name__}: {e}"))]
 
 
 def _run_case(loss, label, shape, dtype, device, providers, modes, timing, tags, copy_gbps) -> list:
@@ -939,6 +980,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", type=_csv_list, help=f"comma list (default all): {','.join(MODES)}")
     p.add_argument("--out", default="bench/results/kernels.csv", help="CSV to append to (default %(default)s)")
     p.add_argument("--plot", metavar="PNG", help="also draw the latest commit's rows to this PNG")
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="cases not started within this many seconds get a skipped row (default 0: no limit)")
     p.add_argument("--no-run", action="store_true", help="only report (table / plot) from the existing CSV")
     return p
 
@@ -953,7 +996,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if not args.no_run:
         run(quick=args.quick, losses=args.losses, out_csv=args.out, providers=args.providers, sizes=args.sizes,
-            dtypes=args.dtypes, modes=args.modes)
+            dtypes=args.dtypes, modes=args.modes, max_seconds=args.max_seconds)
     if not os.path.exists(args.out):
         raise FileNotFoundError(f"no benchmark CSV at '{args.out}'")
     print()

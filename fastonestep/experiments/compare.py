@@ -7,8 +7,10 @@ steps, DiffRatio its ratio steps as in its preset); the table reports that cost 
 peak memory instead of hiding it.
 
 Each training runs as its own `fastonestep train` process, so its peak memory (CUDA peak allocation on a
-GPU, the process's peak RSS on a CPU) is its own. Runs live under <out stem>_runs/<setup>/<method>; a
-re-run of the command reuses finished runs and resumes interrupted ones.
+GPU, the process's peak RSS on a CPU) is its own. With --quick the runs share this process (imports dominate
+tiny runs); the peak is restarted before each (CUDA: reset_peak_memory_stats; Linux: /proc/self/clear_refs),
+and left empty ('-') where it cannot be. Runs live under <out stem>_runs/<setup>/<method>; a re-run of the
+command reuses finished runs and resumes interrupted ones.
 
 Columns: quality (toy: energy distance, modes covered of 25, high-quality fraction; MNIST: MNIST FD and
 digits covered), diversity (recall / coverage and the mean pairwise feature distance where the evaluation
@@ -99,20 +101,47 @@ def entries(setup: Setup) -> list[Entry]:
 # running
 
 
-def _train(preset: Path, overrides, run_dir: Path, log, isolate: bool) -> dict:
-    """Trains one run (resuming or reusing it) and returns its metrics.json. isolate: in its own
-    `fastonestep train` process, so its peak memory is its own; else in this process (saves the ~9 s of
-    imports per run that dominate tiny runs)."""
+def restart_peak_rss() -> bool:
+    """Restarts this process's peak RSS (Linux: VmHWM, which getrusage's ru_maxrss follows), after handing
+    freed memory back, so that an in-process run on a CPU gets a peak of its own. False where not possible."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc keeps freed heap resident otherwise
+    except (AttributeError, OSError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _restart_peak_memory() -> bool:
+    """Before an in-process run: whether its peak memory will be its own (the allocator's, or the RSS's)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    return restart_peak_rss()
+
+
+def _train(preset: Path, overrides, run_dir: Path, log, isolate: bool) -> tuple[dict, bool]:
+    """Trains one run (resuming or reusing it): (its metrics.json, whether its logged peak memory is its own).
+    isolate: in its own `fastonestep train` process; else in this process (saves the ~9 s of imports per run
+    that dominate tiny runs), with the peak restarted first where possible."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if not isolate:
-        import torch
-
         from fastonestep.config import load_config
         from fastonestep.engine.loop import train
 
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        return train(load_config(str(preset), overrides), str(run_dir), progress=False, log=lambda *_: None)
+        own_peak = _restart_peak_memory()
+        metrics = train(load_config(str(preset), overrides), str(run_dir), progress=False, log=lambda *_: None)
+        return metrics, own_peak
     cmd = [sys.executable, "-m", "fastonestep", "train", str(preset), *overrides, "--out", str(run_dir),
            "--no-progress"]
     log_path = run_dir / "train.log"
@@ -124,7 +153,7 @@ def _train(preset: Path, overrides, run_dir: Path, log, isolate: bool) -> dict:
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])
         raise RuntimeError(f"training '{run_dir}' failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     with open(run_dir / "metrics.json", encoding="utf-8") as f:
-        return json.load(f)
+        return json.load(f), True
 
 
 def _stats_rows(run_dir: Path) -> list[dict]:
@@ -164,8 +193,10 @@ DIVERSITY_KEYS = ("recall", "coverage", "diversity")
 def _row(setup: Setup, entry: Entry, metrics: dict, run_dir: Path, batch: int, own_peak: bool) -> dict:
     model = next(iter(v for v in metrics.values() if isinstance(v, dict) and "num_samples" in v))
     rows = _stats_rows(run_dir)
-    # A CPU peak (the process's max RSS) belongs to the run only when the run had the process to itself.
-    peak = rows[-1].get("peak_memory_mb") if rows and own_peak else None
+    # Each log line holds the peak of its own interval (GPU) or since the run began (CPU): the run's is the
+    # largest. It belongs to the run only when the peak was restarted for it (own_peak).
+    peaks = [r["peak_memory_mb"] for r in rows if r.get("peak_memory_mb") is not None]
+    peak = max(peaks) if peaks and own_peak else None
     row = {"setup": setup.name, "method": entry.label, "nfe": entry.nfe, "steps": metrics.get("steps"),
            "aux_parameters": auxiliary_parameters(metrics.get("parameters", {})),
            "state_mb": training_state_mb(metrics.get("parameters", {})),
@@ -190,7 +221,6 @@ def run(out: str, steps: int | None = None, seed: int = 0, quick: bool = False, 
     import torch
 
     isolate = (not quick) if isolate is None else isolate
-    own_peak = isolate or torch.cuda.is_available()
     unknown = [s for s in setups if s not in SETUPS]
     if unknown:
         raise ValueError(f"unknown setup(s) {unknown}; available: {', '.join(SETUPS)}")
@@ -217,7 +247,8 @@ def run(out: str, steps: int | None = None, seed: int = 0, quick: bool = False, 
             if steps is not None:
                 over.append(f"train.steps={steps}")
             log(f"== {name}: {entry.label}")
-            metrics = _train(CONFIGS / setup.preset_dir / f"{entry.preset}.yaml", over, run_dir, log, isolate)
+            metrics, own_peak = _train(CONFIGS / setup.preset_dir / f"{entry.preset}.yaml", over, run_dir, log,
+                                       isolate)
             rows.append(_row(setup, entry, metrics, run_dir, _student_batch(run_dir), own_peak))
     result = {"rows": rows, "settings": {"steps": steps, "seed": seed, "quick": quick, "setups": list(setups),
                                          "methods": methods, "teachers": {k: str(v) for k, v in teachers.items()},
