@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -146,12 +145,15 @@ at::Tensor scalar_like(const at::Tensor& like, double value, at::ScalarType acc)
   return like.new_full({}, value, like.options().dtype(at::kDouble)).to(acc);
 }
 
+// A scalar loss over no elements is 0, not NaN (reference.mean_or_zero: an empty shard must not poison the
+// all-reduce).
+double mean_or_zero(double total, int64_t count) { return count > 0 ? total / static_cast<double>(count) : 0.0; }
+
 at::Tensor surrogate_value(const at::Tensor& like, const std::vector<double>& row_sq, int64_t numel,
                            at::ScalarType acc) {
   double total = 0.0;
   for (double v : row_sq) total += v;
-  return scalar_like(like, numel > 0 ? 0.5 * total / static_cast<double>(numel)
-                                     : std::numeric_limits<double>::quiet_NaN(), acc);
+  return scalar_like(like, 0.5 * mean_or_zero(total, numel), acc);
 }
 
 // dmd_loss: g = (p_real - p_fake) / (mean|p_real| + eps) per sample, p_real = x - x_real_hat, p_fake = x - x_fake_hat.
@@ -289,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ratio_classifier_loss_fwd_cpu(
     });
     for (double v : part) total += v;
   });
-  auto loss = scalar_like(gen, M > 0 ? total / static_cast<double>(M) : std::numeric_limits<double>::quiet_NaN(), acc);
+  auto loss = scalar_like(gen, mean_or_zero(total, M), acc);
   return {loss, grad_gen, grad_real};
 }
 

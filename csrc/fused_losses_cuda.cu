@@ -323,8 +323,9 @@ at::Tensor per_sample(const at::Tensor& v, int64_t n, at::ScalarType acc, const 
   return checks::per_sample(v, n, acc, like.device(), op, name);
 }
 
-at::Tensor nan_scalar(const at::Tensor& like, at::ScalarType acc) {
-  return like.new_full({}, std::numeric_limits<double>::quiet_NaN(), like.options().dtype(acc));
+// The value of a scalar loss over no elements: 0, as the CPU op (an empty shard must not poison the all-reduce).
+at::Tensor zero_scalar(const at::Tensor& like, at::ScalarType acc) {
+  return like.new_zeros({}, like.options().dtype(acc));
 }
 
 std::tuple<at::Tensor, at::Tensor> denoising_loss_fwd_cuda(const at::Tensor& F_, const at::Tensor& x_t_,
@@ -390,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor> dmd_loss_fwd_cuda(const at::Tensor& x_, const
   const int64_t B = x.size(0), N = B > 0 ? x.numel() / B : 0;
   const auto acc = acc_dtype(x.scalar_type());
   auto grad = x.new_empty(x.sizes(), x.options().dtype(grad_dtype(x.scalar_type())));
-  if (B == 0 || N == 0) return {nan_scalar(x, acc), grad};
+  if (B == 0 || N == 0) return {zero_scalar(x, acc), grad};
   const int64_t chunks = ceil_div(N, kChunk);
   const unsigned int blocks = grid_of(B * chunks, op);
   auto partials = x.new_empty({3, B * chunks}, x.options().dtype(acc));  // |p_real| sums, g^2 sums, bad counts
@@ -434,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor> ratio_generator_loss_fwd_cuda(const at::Tenso
   std::optional<at::Tensor> weight;
   if (weight_.has_value() && weight_->defined()) weight = per_sample(*weight_, B, acc, lg, op, "weight");
   auto grad = lg.new_empty(x.sizes(), lg.options().dtype(grad_dtype(lg.scalar_type())));
-  if (B == 0 || N == 0) return {nan_scalar(lg, acc), grad};
+  if (B == 0 || N == 0) return {zero_scalar(lg, acc), grad};
   const int64_t chunks = ceil_div(N, kChunk);
   const unsigned int blocks = grid_of(B * chunks, op);
   auto partials = lg.new_empty({3, B * chunks}, lg.options().dtype(acc));  // |lg| sums, g^2 sums, bad counts
@@ -480,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ratio_classifier_loss_fwd_cuda(
   auto grad_gen = gen.new_empty(gen.sizes(), gen.options().dtype(grad_dtype(gen.scalar_type())));
   auto grad_real = real.new_empty(real.sizes(), real.options().dtype(grad_dtype(real.scalar_type())));
   auto loss = gen.new_empty({}, gen.options().dtype(acc));
-  if (M == 0) return {nan_scalar(gen, acc), grad_gen, grad_real};
+  if (M == 0) return {zero_scalar(gen, acc), grad_gen, grad_real};
   const int64_t nblocks = ceil_div(M, kChunk);
   auto partial = gen.new_empty({nblocks}, gen.options().dtype(acc));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -32,10 +32,18 @@ Inputs, checked here the same way for every implementation: tensors of data are 
 otherwise) with a batch dimension 0 (a 1-D tensor is B samples of one element; 0-d is a ValueError). Per-sample
 values (alpha, sigma, logits, weight, the classifier's logits) are a number or B values in any shape, (B,) or
 (B, 1) alike (ValueError naming the argument otherwise). Constants get no gradient in any implementation:
-sigma, sigma_data, x_real_hat, x_fake_hat, logit_grad, logits and the weights; a loss whose only inputs that
-require grad are constants does not require grad. The fused implementations (triton, ext) are differentiable
-once: with create_graph=True their gradients carry a node that raises if differentiated again (impl="torch"
-for second derivatives). For fp16 inputs they keep the gradient written by the forward in fp32 until the
+denoising_loss's sigma and sigma_data, x_real_hat, x_fake_hat, logit_grad, logits and the weights; a loss whose
+only inputs that require grad are constants does not require grad. add_noise differentiates w.r.t. x0, noise,
+alpha and sigma in every implementation (d/dalpha_i = sum_j x0_ij g_ij with x0 the clean sample, the sampled one
+on the latent path; d/dsigma_i = sum_j eps_ij g_ij; Triton regenerates eps and z from the seed in the backward).
+
+An empty batch (B = 0, or samples of no elements) gives every scalar loss the value 0.0 with zero-size gradients,
+in every implementation (reference.mean_or_zero says why); denoising_loss returns its (0,) per-sample losses.
+
+The fused implementations (triton, ext) are differentiable once: with create_graph=True their gradients carry a
+node that raises if differentiated again (impl="torch" for second derivatives). torch.func.grad and
+torch.func.vjp work through them (a grad of a grad raises the same error); torch.func.vmap raises
+NotImplementedError naming the loss. For fp16 inputs they keep the gradient written by the forward in fp32 until the
 backward scales it (kernels/fused_backward.py, saved_grad_dtype: 2 more bytes per element, so that a loss
 scale does not multiply fp16-rounded subnormals).
 """

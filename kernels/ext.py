@@ -15,6 +15,9 @@ no grad is required (that is the contract: one pass, no second kernel for the ba
 when grad_output is exactly 1 and the check is free (a plain CPU tensor, not under torch.compile); on CUDA it
 always runs, because testing the value would cost a host synchronisation. No double backward: with
 create_graph=True the gradients carry a node that raises when differentiated (fused_backward.first_order_only).
+Under torch.func.grad / vjp the op is called through an autograd.Function with the same formula (_call), because
+torch.library's registered formula does not support the transforms; vmap raises. A scalar loss over no elements is
+0 (reference.mean_or_zero).
 
 Loading: `load()` builds the library just in time with torch.utils.cpp_extension.load from csrc/ (next to this
 package's source folder; the CUDA file only when a GPU, torch CUDA and nvcc are all present), cached under
@@ -43,7 +46,7 @@ from pathlib import Path
 import torch
 
 from fastonestep.kernels import reference as _ref
-from fastonestep.kernels.fused_backward import first_order_only, saved_grad_dtype, scale_in_fp32
+from fastonestep.kernels.fused_backward import first_order_only, refuse_vmap, saved_grad_dtype, scale_in_fp32
 from fastonestep.kernels.reference import DIVERGENCES
 from fastonestep.tensors import device_tensor
 
@@ -360,6 +363,38 @@ def _register_python_side():
                 raise
 
 
+# torch.func transforms (grad, vjp) refuse the autograd formula registered with torch.library: torch wraps it
+# in an autograd.Function without setup_context. Under a transform the op is called through this Function
+# instead, with the same setup and backward; everywhere else (eager autograd, torch.compile) the op is called
+# directly, so compiled graphs keep the registered formula.
+_FUNCTORCH_FUNCTIONS: dict = {}
+
+
+def _functorch_function(name: str):
+    if name not in _FUNCTORCH_FUNCTIONS:
+        _, setup, backward = _PYTHON_SIDE[name]
+        what = f"{name.removesuffix('_fwd')} (impl='ext')"
+        _FUNCTORCH_FUNCTIONS[name] = type(f"{name}_function", (torch.autograd.Function,), {
+            # through _call again: a nested transform (grad of grad) goes through this Function once per level
+            "forward": staticmethod(lambda *args: _call(name, *args)),
+            "setup_context": staticmethod(setup),
+            "backward": staticmethod(backward),
+            "vmap": refuse_vmap(what),
+        })
+    return _FUNCTORCH_FUNCTIONS[name]
+
+
+def _functorch_active() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def _call(name: str, *args):
+    """torch.ops.fastonestep.<name>(*args), through an autograd.Function while a torch.func transform runs."""
+    if _functorch_active():
+        return _functorch_function(name).apply(*args)
+    return getattr(torch.ops.fastonestep, name)(*args)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Python API: exactly the signatures of kernels/reference.py.
 
@@ -403,8 +438,7 @@ def denoising_loss(F, x_t, x0, sigma, sigma_data):
     """Per-sample lambda(sigma_i) * mean (c_skip x_t + c_out F - x0)^2, (B,) fp32; gradients w.r.t. F, x_t, x0."""
     _ensure(F, x_t, x0)
     _, (F, x_t, x0) = _promote(F, x_t, x0)
-    loss, _ = torch.ops.fastonestep.denoising_loss_fwd(F, x_t, x0, _per_sample(sigma, F.shape[0], F),
-                                                       float(sigma_data))
+    loss, _ = _call("denoising_loss_fwd", F, x_t, x0, _per_sample(sigma, F.shape[0], F), float(sigma_data))
     return loss
 
 
@@ -412,7 +446,7 @@ def dmd_loss(x, x_real_hat, x_fake_hat):
     """Scalar 0.5*mean(g^2) whose gradient w.r.t. x is g / numel(x) (x_real_hat, x_fake_hat are constants)."""
     _ensure(x, x_real_hat, x_fake_hat)
     _, (x, x_real_hat, x_fake_hat) = _promote(x, x_real_hat.detach(), x_fake_hat.detach())
-    loss, _ = torch.ops.fastonestep.dmd_loss_fwd(x, x_real_hat, x_fake_hat)
+    loss, _ = _call("dmd_loss_fwd", x, x_real_hat, x_fake_hat)
     return loss
 
 
@@ -423,9 +457,8 @@ def ratio_generator_loss(x, logit_grad, logits, weight=None, divergence="rkl", n
     logit_grad = logit_grad.detach().to(dtype)
     n = logit_grad.shape[0]
     w = None if weight is None else _per_sample(weight, n, logit_grad)
-    loss, _ = torch.ops.fastonestep.ratio_generator_loss_fwd(x, logit_grad, _per_sample(logits, n, logit_grad), w,
-                                                             _divergence_index(divergence), bool(normalize),
-                                                             float(clamp))
+    loss, _ = _call("ratio_generator_loss_fwd", x, logit_grad, _per_sample(logits, n, logit_grad), w,
+                    _divergence_index(divergence), bool(normalize), float(clamp))
     return loss
 
 
@@ -434,5 +467,5 @@ def ratio_classifier_loss(logits_gen, logits_real, weight=None):
     _ensure(logits_gen, logits_real)
     _, (logits_gen, logits_real) = _promote(logits_gen, logits_real)
     w = None if weight is None else _per_sample(weight, logits_gen.numel(), logits_gen)
-    loss, _, _ = torch.ops.fastonestep.ratio_classifier_loss_fwd(logits_gen, logits_real, w)
+    loss, _, _ = _call("ratio_classifier_loss_fwd", logits_gen, logits_real, w)
     return loss

@@ -38,6 +38,16 @@ def scale_in_fp32(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dt
     return (grad.to(acc) * go).to(dtype)
 
 
+def differentiating_transforms() -> int:
+    """How many torch.func transforms that differentiate (grad, vjp, jvp and those built on them) are running. Inside
+    one, a backward's result is that transform's answer; inside two, the outer one differentiates it again."""
+    try:
+        from torch._functorch.pyfunctorch import GradInterpreter, JvpInterpreter, retrieve_all_functorch_interpreters
+    except ImportError:  # a torch without functorch's Python interpreters: no transform can be running
+        return 0
+    return sum(isinstance(i, (GradInterpreter, JvpInterpreter)) for i in retrieve_all_functorch_interpreters())
+
+
 def first_order_only(grads: tuple, what: str) -> tuple:
     """`grads` as returned by a fused backward; when the backward runs with create_graph=True, each gradient
     tensor is routed through a node that raises if anything is differentiated through it. Without create_graph
@@ -51,6 +61,11 @@ def first_order_only(grads: tuple, what: str) -> tuple:
     message = (f"fastonestep.losses.{what} has no second derivative: its backward returns the gradient the forward "
                "wrote, so a gradient of that gradient (create_graph=True, then backward through it) would miss "
                "every term that depends on the inputs. Use impl='torch' to differentiate twice.")
+    levels = differentiating_transforms()
+    if levels > 1:  # torch.func.grad of torch.func.grad: the outer level differentiates this gradient
+        raise RuntimeError(message)
+    if levels == 1:  # one torch.func.grad / vjp: this gradient is its result (requires_grad_ is refused inside)
+        return grads
     # The gradients become leaves that require grad, so that the error node is recorded after them (as
     # torch.autograd.function.once_differentiable does, which only does it when grad_output requires grad:
     # a create_graph=True backward from a loss gets a grad_output of ones that does not).
@@ -61,3 +76,23 @@ def first_order_only(grads: tuple, what: str) -> tuple:
     for i, g in zip(at, wrapped):
         out[i] = g
     return tuple(out)
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether a fused forward must write its gradient: grad mode is on and a trained input requires grad. Decided
+    by the caller and passed to the autograd Function, whose forward (setup_context style, as torch.func needs)
+    has no ctx to ask; under torch.func.grad / vjp the inputs are wrapped tensors that require grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def refuse_vmap(what: str):
+    """The `vmap` staticmethod of a fused autograd Function: torch.func.grad and vjp work, vmap does not (the
+    kernels already treat dimension 0 as the batch; a batching rule would have to fold the vmapped dimension
+    into it and the per-sample reductions into the loss). Raises a clear error instead of a generic one."""
+
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError(f"fastonestep.losses.{what} does not support torch.func.vmap (torch.func.grad and "
+                                  "torch.func.vjp are supported): pass the batch as dimension 0 instead of mapping "
+                                  "over it.")
+
+    return staticmethod(vmap)

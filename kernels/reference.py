@@ -124,6 +124,14 @@ def _finite_rows(*tensors) -> torch.Tensor:
     return ok
 
 
+def mean_or_zero(t: torch.Tensor) -> torch.Tensor:
+    """Mean of `t`, 0 for an empty tensor. The scalar losses of an empty batch (B = 0, or samples of no
+    elements) are 0 with zero-size gradients in every implementation, not NaN and not an error: a rank whose
+    shard of the batch is empty still joins the step, and a NaN from it would poison the DDP all-reduce of every
+    rank (an error would stall them). The sum over no samples is 0, and its gradient is empty."""
+    return t.sum() / max(t.numel(), 1)
+
+
 def surrogate_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The contract of 0.5 * mean((x - sg(x - g))^2): value 0.5*mean(g^2), gradient w.r.t. x exactly g / numel(x).
 
@@ -133,8 +141,8 @@ def surrogate_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     g = g.detach()
     # A NaN/Inf element of x sits in a row whose g is 0: without nan_to_num, 0 * NaN would make the value NaN
     # where the fused kernels (and 0.5*mean(g^2)) give a number; the gradient is g / numel either way.
-    linear = (x.float().nan_to_num(0.0, 0.0, 0.0) * g).sum() / x.numel()
-    return 0.5 * g.square().mean() + (linear - linear.detach())
+    linear = mean_or_zero(x.float().nan_to_num(0.0, 0.0, 0.0) * g)
+    return 0.5 * mean_or_zero(g.square()) + (linear - linear.detach())
 
 
 def dmd_gradient(x, x_real_hat, x_fake_hat, eps: float = 1e-8) -> torch.Tensor:
@@ -196,7 +204,7 @@ def ratio_classifier_loss(logits_gen, logits_real, weight=None):
     per = F.softplus(-logits_gen.float()) + F.softplus(logits_real.float())
     if weight is not None:
         per = per * per_sample_values(weight, per.numel(), "weight", "ratio_classifier_loss", per.device)
-    return per.mean()
+    return mean_or_zero(per)
 
 
 def latent_sample(mean, std=None, z=None, scale=None, bias=None, seed=None):

@@ -22,6 +22,8 @@ import triton.language as tl
 
 from fastonestep.tensors import device_tensor
 
+from .fused_backward import scale_in_fp32
+
 # Largest finite fp32: |v| <= FLT_MAX is False for NaN and +-Inf, the finiteness test used in kernels.
 FLT_MAX = 3.4028234663852886e38
 _MAX_GRID_Y = 65535
@@ -103,6 +105,31 @@ def per_sample_vector(v, B: int, device, name: str) -> torch.Tensor:
     if v.numel() != B:
         raise ValueError(f"{name} must be a scalar or hold one value per sample ({B}), got shape {tuple(v.shape)}")
     return v.reshape(B).contiguous()
+
+
+def transformed(t) -> bool:
+    """Whether `t` is wrapped by a torch.func transform (grad, vjp): a Triton kernel cannot read its storage."""
+    if torch.compiler.is_compiling() or not isinstance(t, torch.Tensor):  # (traced code sees no torch.func wrappers)
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def plain(t):
+    """`t` without torch.func wrappers, for a kernel that reads or writes its raw storage (nothing is
+    differentiated through a launch: the fused backwards are first order only)."""
+    while transformed(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def outside_transforms():
+    """A context with torch.func's transforms suspended, for a kernel launched from a backward that runs under one:
+    tensors made there (the interpreter's host copies too) are then plain, not wrapped for the transform."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return contextlib.nullcontext()
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    return temporarily_clear_interpreter_stack()
 
 
 def is_one(grad_output: torch.Tensor) -> bool:
@@ -213,6 +240,8 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype
     dtype = grad.dtype if dtype is None else dtype
     if is_one(grad_output):
         return grad.to(dtype)
+    if transformed(grad) or transformed(grad_output):  # under torch.func the product stays on its level
+        return scale_in_fp32(grad, grad_output, dtype, per_row=grad_output.numel() > 1)
     B = grad.shape[0]
     N = grad.numel() // max(B, 1)
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device)

@@ -12,6 +12,10 @@ Autograd: only the main inputs get gradients (F, x_t, x0; x; logits_gen, logits_
 constants, detached before the Function, so a loss whose only inputs that require grad are constants does not
 require grad (a Function applied directly to such inputs returns None gradients). Differentiable once: with
 create_graph=True the gradients carry a node that raises when differentiated (fused_backward.first_order_only).
+The Functions are in setup_context style, so torch.func.grad and torch.func.vjp run them: the forward returns the
+loss and the gradient it wrote (non-differentiable, dropped by the wrappers), and takes `write_grad` from the
+wrapper (fused_backward.needs_grad) since it has no ctx to ask. torch.func.vmap raises (refuse_vmap).
+A loss over no elements is 0 (reference.mean_or_zero).
 
 Passes (see triton_common for the tiling):
 - denoising_loss: one pass (EDM combine, squared error, gradient); rows longer than one chunk add a tiny
@@ -30,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import triton_common as tc
-from .fused_backward import first_order_only, saved_grad_dtype
+from .fused_backward import first_order_only, needs_grad, refuse_vmap, saved_grad_dtype
 from .reference import DIVERGENCES
 
 _DIV_CODE = {name: i for i, name in enumerate(DIVERGENCES)}  # rkl 0, dijs 1, fkl 2, hellinger 3
@@ -127,23 +131,29 @@ def denoising_forward(F, x_t, x0, sigma, sigma_data, write_grad=True):
 
 
 class DenoisingLoss(torch.autograd.Function):
-    """Gradient w.r.t. F written in the forward. Gradients w.r.t. x_t and x0, when asked for, follow from it:
-    d/dx_t = (c_skip / c_out) d/dF and d/dx0 = -(1 / c_out) d/dF, per sample."""
+    """(per-sample loss, gradient w.r.t. F or None when write_grad is False). Gradients w.r.t. x_t and x0, when
+    asked for, follow from the one w.r.t. F: d/dx_t = (c_skip / c_out) d/dF and d/dx0 = -(1 / c_out) d/dF, per
+    sample. setup_context style (the gradient is an output, marked non-differentiable), so torch.func.grad and
+    torch.func.vjp can run it."""
 
     @staticmethod
-    def forward(ctx, F, x_t, x0, sigma, sigma_data):
-        need = any(ctx.needs_input_grad[:3])
-        loss, grad = denoising_forward(F, x_t, x0, sigma, sigma_data, write_grad=need)
+    def forward(F, x_t, x0, sigma, sigma_data, write_grad):
+        return denoising_forward(F, x_t, x0, sigma, sigma_data, write_grad=write_grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        F, x_t, x0, sigma, sigma_data, _ = inputs
+        grad = output[1]
         ctx.sigma_data = float(sigma_data)
         ctx.shapes = (F.shape, F.dtype, x_t.dtype, x0.dtype)
-        if need:
+        if grad is not None:
+            ctx.mark_non_differentiable(grad)
             ctx.save_for_backward(grad, tc.per_sample_vector(sigma, F.shape[0], F.device, "sigma"))
-        return loss
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_of_grad):
         if not ctx.saved_tensors:  # only constants (sigma) required grad: they get none
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         grad, s = ctx.saved_tensors
         shape, f_dtype, xt_dtype, x0_dtype = ctx.shapes
         go = grad_output.reshape(-1)
@@ -151,20 +161,24 @@ class DenoisingLoss(torch.autograd.Function):
         g_xt = g_x0 = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # from the fp32 gradient w.r.t. F, each rounded once to its input's dtype
-            g32 = tc.scale_grad(grad, go, torch.float32).reshape(shape[0], -1)
+            g32 = tc.scale_grad(grad, go, torch.float32).view(shape)
+            per_row = (-1,) + (1,) * (len(shape) - 1)  # (not reshape(B, -1): B may be 0)
             sd = ctx.sigma_data
             c_out = s * sd / (s * s + sd * sd).sqrt()
             if ctx.needs_input_grad[1]:
                 c_skip = sd * sd / (s * s + sd * sd)
-                g_xt = (g32 * (c_skip / c_out)[:, None]).to(xt_dtype).view(shape)
+                g_xt = (g32 * (c_skip / c_out).view(per_row)).to(xt_dtype)
             if ctx.needs_input_grad[2]:
-                g_x0 = (g32 * (-1.0 / c_out)[:, None]).to(x0_dtype).view(shape)
-        return first_order_only((g_f, g_xt, g_x0, None, None), "denoising_loss (impl='triton')")
+                g_x0 = (g32 * (-1.0 / c_out).view(per_row)).to(x0_dtype)
+        return first_order_only((g_f, g_xt, g_x0, None, None, None), "denoising_loss (impl='triton')")
+
+    vmap = refuse_vmap("denoising_loss (impl='triton')")
 
 
 def denoising_loss(F, x_t, x0, sigma, sigma_data):
     """Per-sample EDM loss lambda(sigma_i) * mean_elements (c_skip x_t + c_out F - x0)^2, shape (B,), fp32."""
-    return DenoisingLoss.apply(F, x_t, x0, _constant(sigma), sigma_data)
+    loss, _ = DenoisingLoss.apply(F, x_t, x0, _constant(sigma), sigma_data, needs_grad(F, x_t, x0))
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,7 +245,7 @@ def _surrogate(launch, x, pass1_a, pass1_b, write_grad):
     N = x.numel() // max(B, 1)
     dev = x.device
     grad = _grad_buffer(x) if write_grad else None
-    if x.numel() == 0:
+    if x.numel() == 0:  # a loss over no elements is 0 (reference.mean_or_zero says why)
         return torch.zeros((), dtype=torch.float32, device=dev), grad
     lay = tc.layout(B, N)
     rowsq = torch.empty(B, dtype=torch.float32, device=dev)
@@ -289,11 +303,20 @@ def ratio_generator_forward(x, logit_grad, logits, weight=None, divergence="rkl"
     return _surrogate(launch, x, lg if normalize else None, None, write_grad)
 
 
+def _surrogate_setup(ctx, inputs, output, what):
+    x, grad = inputs[0], output[1]
+    ctx.n_other, ctx.x_dtype, ctx.what = len(inputs) - 1, x.dtype, what
+    if grad is not None:
+        ctx.mark_non_differentiable(grad)
+        ctx.save_for_backward(grad)
+
+
 class _SurrogateLoss(torch.autograd.Function):
-    """Shared backward: gradient w.r.t. x (argument 0) saved by the forward, rescaled by grad_output."""
+    """(scalar loss, gradient w.r.t. x (argument 0) or None); the last argument says whether to write the
+    gradient. Shared backward: the saved gradient rescaled by grad_output."""
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_of_grad):
         if not ctx.saved_tensors:  # only constants required grad: they get none
             return (None,) * (1 + ctx.n_other)
         (grad,) = ctx.saved_tensors
@@ -302,37 +325,45 @@ class _SurrogateLoss(torch.autograd.Function):
 
 
 class DMDLoss(_SurrogateLoss):
+    vmap = refuse_vmap("dmd_loss (impl='triton')")
+
     @staticmethod
-    def forward(ctx, x, x_real_hat, x_fake_hat):
-        loss, grad = dmd_forward(x, x_real_hat, x_fake_hat, write_grad=ctx.needs_input_grad[0])
-        ctx.n_other, ctx.x_dtype, ctx.what = 2, x.dtype, "dmd_loss (impl='triton')"
-        if grad is not None:
-            ctx.save_for_backward(grad.view(x.shape))
-        return loss
+    def forward(x, x_real_hat, x_fake_hat, write_grad):
+        loss, grad = dmd_forward(x, x_real_hat, x_fake_hat, write_grad=write_grad)
+        return loss, None if grad is None else grad.view(x.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _surrogate_setup(ctx, inputs, output, "dmd_loss (impl='triton')")
 
 
 class RatioGeneratorLoss(_SurrogateLoss):
+    vmap = refuse_vmap("ratio_generator_loss (impl='triton')")
+
     @staticmethod
-    def forward(ctx, x, logit_grad, logits, weight, divergence, normalize, clamp):
+    def forward(x, logit_grad, logits, weight, divergence, normalize, clamp, write_grad):
         loss, grad = ratio_generator_forward(x, logit_grad, logits, weight, divergence, normalize, clamp,
-                                             write_grad=ctx.needs_input_grad[0])
-        ctx.n_other, ctx.x_dtype, ctx.what = 6, x.dtype, "ratio_generator_loss (impl='triton')"
-        if grad is not None:
-            ctx.save_for_backward(grad.view(x.shape))
-        return loss
+                                             write_grad=write_grad)
+        return loss, None if grad is None else grad.view(x.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _surrogate_setup(ctx, inputs, output, "ratio_generator_loss (impl='triton')")
 
 
 def dmd_loss(x, x_real_hat, x_fake_hat):
     """Scalar 0.5 * mean((x - sg(x - g))^2) with g = (p_real - p_fake) / (mean|p_real| + 1e-8) per sample in
     fp32; rows with a non-finite g get g = 0. Only x receives a gradient (g / numel(x))."""
-    return DMDLoss.apply(x, _constant(x_real_hat), _constant(x_fake_hat))
+    loss, _ = DMDLoss.apply(x, _constant(x_real_hat), _constant(x_fake_hat), needs_grad(x))
+    return loss
 
 
 def ratio_generator_loss(x, logit_grad, logits, weight=None, divergence="rkl", normalize=True, clamp=10.0):
     """Scalar surrogate whose gradient w.r.t. x is g / numel(x), g_i = w_i h(exp(-l_i)) logit_grad_i /
     (mean|logit_grad_i| + 1e-8) in fp32 (normaliser dropped when normalize=False); non-finite rows get 0."""
-    return RatioGeneratorLoss.apply(x, _constant(logit_grad), _constant(logits), _constant(weight), divergence,
-                                    normalize, clamp)
+    loss, _ = RatioGeneratorLoss.apply(x, _constant(logit_grad), _constant(logits), _constant(weight), divergence,
+                                       normalize, clamp, needs_grad(x))
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,7 +419,7 @@ def ratio_classifier_forward(logits_gen, logits_real, weight=None, write_grad=Tr
     dg = _grad_buffer(lg) if write_grad else None
     dr = _grad_buffer(lr) if write_grad else None
     if B == 0:
-        return loss.fill_(float("nan")), dg, dr  # mean of nothing, as torch
+        return loss.zero_(), dg, dr  # a loss over no samples is 0 (reference.mean_or_zero says why)
     block = min(tc.pow2(B), 1024 if not tc.INTERPRETED else 1 << 16)
     with tc.device_guard(lg):
         _classifier_kernel[(1,)](lg, lr, lg if w is None else w, lg if dg is None else dg, lr if dr is None else dr,
@@ -398,32 +429,41 @@ def ratio_classifier_forward(logits_gen, logits_real, weight=None, write_grad=Tr
 
 
 class RatioClassifierLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits_gen, logits_real, weight):
-        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss, dg, dr = ratio_classifier_forward(logits_gen, logits_real, weight, write_grad=need)
-        ctx.dtypes = (logits_gen.dtype, logits_real.dtype)
-        if need:
-            ctx.save_for_backward(dg, dr)
-        return loss
+    """(scalar loss, gradient w.r.t. logits_gen, w.r.t. logits_real; both None when write_grad is False)."""
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def forward(logits_gen, logits_real, weight, write_grad):
+        return ratio_classifier_forward(logits_gen, logits_real, weight, write_grad=write_grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+        _, dg, dr = output
+        if dg is not None:
+            ctx.mark_non_differentiable(dg, dr)
+            ctx.save_for_backward(dg, dr)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_gen_of_grad, _grad_real_of_grad):
         if not ctx.saved_tensors:  # only the weight (a constant) required grad: it gets none
-            return None, None, None
+            return None, None, None, None
         dg, dr = ctx.saved_tensors
         if not tc.is_one(grad_output):
             # one value per sample: rescaling in torch (fp32) is as cheap as a kernel launch here
             dg, dr = dg.float() * grad_output.float(), dr.float() * grad_output.float()
         grads = (dg.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
-                 dr.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None, None)
+                 dr.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None, None, None)
         return first_order_only(grads, "ratio_classifier_loss (impl='triton')")
+
+    vmap = refuse_vmap("ratio_classifier_loss (impl='triton')")
 
 
 def ratio_classifier_loss(logits_gen, logits_real, weight=None):
     """Logistic loss of the ratio classifier, generated = 1, real = 0:
     mean_i w_i (softplus(-l_gen_i) + softplus(l_real_i)), fp32 scalar; gradients for both logits."""
-    return RatioClassifierLoss.apply(logits_gen, logits_real, _constant(weight))
+    loss, _, _ = RatioClassifierLoss.apply(logits_gen, logits_real, _constant(weight),
+                                           needs_grad(logits_gen, logits_real))
+    return loss
 
 
 __all__ = ["denoising_loss", "dmd_loss", "ratio_generator_loss", "ratio_classifier_loss", "DenoisingLoss",

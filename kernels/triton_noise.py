@@ -11,8 +11,11 @@ or drawn from a second stream of the same seed (counter offset 2**62: the two st
 `regenerate_noise(shape, seed, stream="latent")` reproduces. The sampled x0 can be written out in the same
 pass (`return_x0=True`) for use as the denoising target, or regenerated later with `sample_latents`.
 
-Gradients: d x_t / d x0 = alpha_i (times scale_c on the latent path), d x_t / d noise = sigma_i. The main use
-is under no_grad; the backward is plain torch.
+Gradients, as the eager reference's autograd gives them: d x_t / d x0 = alpha_i (times scale_c on the latent
+path), d x_t / d noise = sigma_i, d / d alpha_i = sum_j x0_ij g_ij with x0 the clean sample (regenerated from the
+seed on the latent path), d / d sigma_i = sum_j eps_ij g_ij (eps regenerated from the seed when it was drawn).
+The latent path's std, scale and bias get none (add_noise refuses them when they require grad). The main use is
+under no_grad; the backward is plain torch plus, for alpha and sigma, one regenerating launch.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import triton.language as tl
 from fastonestep.tensors import device_tensor
 
 from . import triton_common as tc
+from .fused_backward import refuse_vmap
 from .reference import check_batched
 
 LATENT_STREAM_OFFSET = 1 << 62  # counter offset of the latent (z) stream relative to the eps stream
@@ -108,15 +112,12 @@ def _launch(x0, *, out_xt=None, out_x0=None, noise=None, alpha=None, sigma=None,
         scale = None if scale is None else scale.expand(nch).contiguous()
         bias = None if bias is None else bias.expand(nch).contiguous()
     lay = tc.layout(B, N)
-    dummy = ref
-    with tc.device_guard(ref):
+    # in a backward under torch.func every tensor, fresh buffers too, is wrapped; the kernel needs raw storage
+    tensors = [tc.plain(ref if t is None else t) for t in (x0, noise, alpha, sigma, std, z, scale, bias, out_xt,
+                                                           out_x0)]
+    with tc.device_guard(ref), tc.outside_transforms():
         _noise_kernel[lay.grid](
-            dummy if x0 is None else x0, dummy if noise is None else noise,
-            dummy if alpha is None else alpha, dummy if sigma is None else sigma,
-            dummy if std is None else std, dummy if z is None else z,
-            dummy if scale is None else scale, dummy if bias is None else bias,
-            dummy if out_xt is None else out_xt, dummy if out_x0 is None else out_x0,
-            seed, B, N, inner, nch, MODE=mode, HAS_NOISE=noise is not None, LATENT=std is not None,
+            *tensors, seed, B, N, inner, nch, MODE=mode, HAS_NOISE=noise is not None, LATENT=std is not None,
             HAS_Z=z is not None, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
             WRITE_XT=out_xt is not None, WRITE_X0=out_x0 is not None, R=lay.R, BLOCK=lay.BLOCK,
             num_warps=tc.num_warps(lay))
@@ -130,9 +131,31 @@ def _same_shape(x0, name, t):
     return t.contiguous()
 
 
+def _row_sums(t: torch.Tensor) -> torch.Tensor:
+    """(B,) sums over all but dimension 0 (also for B = 0)."""
+    return t.flatten(1).sum(1) if t.ndim > 1 else t
+
+
+def _per_sample_grad(values: torch.Tensor, g_xt: torch.Tensor, like):
+    """d loss / d (alpha or sigma) = sum_j values_ij * g_ij per sample, in fp32, shaped and typed like the argument
+    (`like` = (shape, dtype)); an argument that held one value for the whole batch gets the batch's sum."""
+    shape, dtype = like
+    per = _row_sums(values.float() * g_xt.float())
+    return (per.sum() if math.prod(shape) == 1 else per).reshape(shape).to(dtype)
+
+
+def _grad_like(v):
+    """(shape, dtype) of a per-sample argument that is a tensor, for its gradient; None for a number."""
+    return (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None
+
+
 class _AddNoise(torch.autograd.Function):
+    """x_t, or (x_t, clean sample) when return_x0. setup_context style, so torch.func.grad / vjp can run it. The
+    backward regenerates what the forward did not store: eps from the seed (for sigma's gradient) and the clean
+    sample of the latent path in fp32 (for alpha's), exactly as the forward computed them."""
+
     @staticmethod
-    def forward(ctx, x0, noise, alpha, sigma, seed, std, z, scale, bias, return_x0):
+    def forward(x0, noise, alpha, sigma, seed, std, z, scale, bias, return_x0):
         B = x0.shape[0]
         x0c = x0.contiguous()
         a = tc.per_sample_vector(alpha, B, x0.device, "alpha")
@@ -144,19 +167,33 @@ class _AddNoise(torch.autograd.Function):
         x0_out = torch.empty_like(x0c) if return_x0 else None
         _launch(x0c, out_xt=x_t, out_x0=x0_out, noise=noise_c, alpha=a, sigma=s, std=std_c, z=z_c, scale=scale_v,
                 bias=bias_v, seed=seed)
-        ctx.save_for_backward(a, s, scale_v)
-        ctx.dtypes = (x0.dtype, None if noise is None else noise.dtype)
         if return_x0:
             return x_t, x0_out
         return x_t
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        x0, noise, alpha, sigma, seed, std, z, scale, bias, _ = inputs
+        B = x0.shape[0]
+        ctx.seed = seed
+        ctx.dtypes = (x0.dtype, None if noise is None else noise.dtype)
+        ctx.alpha_like, ctx.sigma_like = _grad_like(alpha), _grad_like(sigma)
+        ctx.has_noise = noise is not None
+        # the inputs alpha's and sigma's gradients need are kept only when those gradients are asked for
+        for_alpha, for_sigma = ctx.needs_input_grad[2], ctx.needs_input_grad[3] and noise is not None
+        ctx.save_for_backward(
+            tc.per_sample_vector(alpha, B, x0.device, "alpha"), tc.per_sample_vector(sigma, B, x0.device, "sigma"),
+            _channel_vector(scale, x0, "latent_scale"), _channel_vector(bias, x0, "latent_bias"),
+            x0 if for_alpha else None, std if for_alpha else None, z if for_alpha else None,
+            noise if for_sigma else None)
+
+    @staticmethod
     def backward(ctx, g_xt, g_x0=None):
-        a, s, scale_v = ctx.saved_tensors
+        a, s, scale_v, bias_v, x0, std, z, noise = ctx.saved_tensors
         shape = g_xt.shape if g_xt is not None else g_x0.shape
         B = shape[0]
         view = (B,) + (1,) * (len(shape) - 1)
-        grad_x0 = grad_noise = None
+        grad_x0 = grad_noise = grad_alpha = grad_sigma = None
         if ctx.needs_input_grad[0]:
             g = torch.zeros(shape, dtype=torch.float32, device=a.device)
             if g_xt is not None:
@@ -168,7 +205,27 @@ class _AddNoise(torch.autograd.Function):
             grad_x0 = g.to(ctx.dtypes[0])
         if ctx.needs_input_grad[1] and g_xt is not None:
             grad_noise = (g_xt.float() * s.view(view)).to(ctx.dtypes[1])
-        return grad_x0, grad_noise, None, None, None, None, None, None, None, None
+        if ctx.needs_input_grad[2] and g_xt is not None:
+            clean = _clean_sample_fp32(x0, std, z, scale_v, bias_v, ctx.seed)
+            grad_alpha = _per_sample_grad(clean, g_xt, ctx.alpha_like)
+        if ctx.needs_input_grad[3] and g_xt is not None:
+            eps = noise if ctx.has_noise else regenerate_noise(shape, ctx.seed, device=g_xt.device)
+            grad_sigma = _per_sample_grad(eps, g_xt, ctx.sigma_like)
+        return grad_x0, grad_noise, grad_alpha, grad_sigma, None, None, None, None, None, None
+
+    vmap = refuse_vmap("add_noise (impl='triton')")
+
+
+def _clean_sample_fp32(x0, std, z, scale_v, bias_v, seed):
+    """The clean sample the forward noised, in fp32 as the kernel held it: x0 itself, or the latent path's
+    (x0 + std * z) * scale + bias with z regenerated from the seed when it was not given."""
+    if std is None and scale_v is None and bias_v is None:
+        return x0.float()
+    x0c = x0.contiguous()
+    out = torch.empty(x0c.shape, dtype=torch.float32, device=x0c.device)
+    _launch(x0c, out_x0=out, std=_same_shape(x0, "latent_std", std), z=_same_shape(x0, "latent_noise", z),
+            scale=scale_v, bias=bias_v, seed=seed)
+    return out
 
 
 def add_noise(x0, alpha, sigma, noise=None, seed=None, *, latent_std=None, latent_noise=None, latent_scale=None,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as Fn
 
 from fastonestep import losses
+from fastonestep.kernels import reference as ref
 
 IMPLS = ["torch", "ext", "triton"]
 FUSED = ["ext", "triton"]
@@ -357,3 +358,146 @@ def test_a_nonfinite_row_of_x_gives_the_same_finite_value_in_every_implementatio
     assert torch.equal(x_.grad[~finite], torch.zeros_like(x_.grad[~finite]))
     value = losses.ratio_generator_loss(x, logit_grad, torch.randn(3), None, "dijs", impl=impl)
     assert torch.isfinite(value)
+
+
+# ------------------------------------------------------------------------------------- empty batches
+
+
+EMPTY_SHAPES = [(0, 2, 4), (0,), (3, 0)]  # no samples, no samples of one element, samples of no elements
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES)
+def test_an_empty_batch_gives_a_zero_scalar_loss_and_empty_gradients(impl, shape):
+    """A scalar loss over no elements is 0 (finite, differentiable, zero-size gradients) in every implementation:
+    a rank whose shard is empty must not send NaN into the DDP all-reduce. Triton used to give 0 for dmd_loss
+    and ratio_generator_loss but NaN for the classifier; torch and the C++ op gave NaN for all three."""
+    x, rh, fh, lg = (torch.randn(shape) for _ in range(4))
+    B = shape[0]
+    calls = {
+        "dmd_loss": lambda t: losses.dmd_loss(t, rh, fh, impl=impl),
+        "ratio_generator_loss": lambda t: losses.ratio_generator_loss(t, lg, torch.randn(B), torch.rand(B), "dijs",
+                                                                      impl=impl),
+        "ratio_classifier_loss": lambda t: losses.ratio_classifier_loss(t.reshape(-1)[:B], rh.reshape(-1)[:B],
+                                                                        impl=impl),
+    }
+    for name, loss_of in calls.items():
+        xl = leaf(x)
+        value = loss_of(xl)
+        assert value.shape == () and value.dtype == torch.float32 and value.requires_grad, name
+        assert value.item() == 0.0, f"{name}: {value.item()}"
+        (g,) = torch.autograd.grad(value, xl)
+        assert g.shape == x.shape and not g.any(), name
+
+
+def test_an_empty_batch_gives_empty_per_sample_losses_and_noised_samples(impl):
+    """denoising_loss and add_noise of no samples: shape-(0,) values and zero-size gradients for every input that
+    requires grad (alpha and sigma included), through the latent path too."""
+    shape = (0, 3, 4)
+    F, x_t, x0 = leaf(torch.randn(shape)), leaf(torch.randn(shape)), leaf(torch.randn(shape))
+    per = losses.denoising_loss(F, x_t, x0, torch.rand(0) + 0.2, 0.5, impl=impl)
+    assert per.shape == (0,) and per.dtype == torch.float32
+    for got, want in zip(torch.autograd.grad(per.sum(), (F, x_t, x0)), (F, x_t, x0)):
+        assert got.shape == want.shape
+    alpha, sigma = leaf(torch.rand(0)), leaf(torch.rand(0))
+    noised = losses.add_noise(x0, alpha, sigma, seed=3, impl=impl, latent_std=torch.ones(shape),
+                              latent_scale=torch.ones(3))
+    assert noised.shape == shape
+    for got, want in zip(torch.autograd.grad(noised.sum(), (x0, alpha, sigma)), (x0, alpha, sigma)):
+        assert got.shape == want.shape
+
+
+# ------------------------------------------------------------------------------------- add_noise: alpha, sigma
+
+
+def noising_cases(B, shape):
+    """(name, add_noise keyword arguments): eps drawn from the seed or given, and the latent path (z drawn from
+    the seed, per-channel scale and bias)."""
+    return [
+        ("seeded", dict(seed=7)),
+        ("given noise", dict(noise=torch.randn(shape))),
+        ("latent", dict(seed=7, latent_std=torch.rand(shape) + 0.5, latent_scale=torch.rand(shape[1]) + 0.5,
+                        latent_bias=torch.randn(shape[1]))),
+    ]
+
+
+@pytest.mark.parametrize("per_sample", ["B", "B1", "one"])
+def test_add_noise_gives_alpha_and_sigma_their_gradients(impl, per_sample):
+    """d/dalpha_i = sum_j x0_ij g_ij (x0: the clean sample, the latent path's sampled one) and d/dsigma_i =
+    sum_j eps_ij g_ij (eps regenerated from the seed when it was not stored), in alpha's and sigma's own shapes,
+    against torch autograd of the reference noising the same clean sample with the same eps (read back from
+    the call's outputs). The Triton path used to give alpha and sigma no gradient at all."""
+    B, shape = 4, (4, 3, 2, 5)
+    make = {"B": lambda v: v, "B1": lambda v: v[:, None], "one": lambda v: v[:1].reshape(())}[per_sample]
+    alpha, sigma = make(torch.rand(B) + 0.5), make(torch.rand(B) + 0.5)
+    x0, w = torch.randn(shape), torch.randn(shape)  # w: the incoming gradient g
+    for name, kwargs in noising_cases(B, shape):
+        a, s = leaf(alpha), leaf(sigma)
+        x_t, clean = losses.add_noise(x0, a, s, impl=impl, return_x0=True, **kwargs)
+        got = torch.autograd.grad((x_t * w).sum(), (a, s))
+
+        a64, s64 = alpha.double().reshape(-1, 1, 1, 1), sigma.double().reshape(-1, 1, 1, 1)
+        eps = kwargs.get("noise", (x_t.double() - a64 * clean.double()) / s64)
+        a_ref, s_ref = leaf(alpha.double()), leaf(sigma.double())
+        x_ref = ref.add_noise(clean.double(), a_ref, s_ref, noise=eps.double())
+        want = torch.autograd.grad((x_ref * w.double()).sum(), (a_ref, s_ref))
+        for g, wg, arg in zip(got, want, ("alpha", "sigma")):
+            assert g.shape == wg.shape and g.dtype == torch.float32, (name, arg)
+            close(g, wg, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- torch.func
+
+
+def loss_calls(B, impl):
+    """(name, loss of the trained input, trained input, cotangent for vjp): each fused loss as torch.func sees it."""
+    torch.manual_seed(1)
+    x, rh, fh, lg = (torch.randn(B, 2, 4) for _ in range(4))
+    logits, w, sigma = torch.randn(B), torch.rand(B), torch.rand(B) + 0.2
+    return [
+        ("dmd_loss", lambda t: losses.dmd_loss(t, rh, fh, impl=impl), x, torch.tensor(3.0)),
+        ("ratio_generator_loss", lambda t: losses.ratio_generator_loss(t, lg, logits, w, "dijs", impl=impl), x,
+         torch.tensor(-2.0)),
+        ("denoising_loss", lambda t: losses.denoising_loss(t, rh, fh, sigma, 0.5, impl=impl), x, torch.randn(B)),
+        ("ratio_classifier_loss", lambda t: losses.ratio_classifier_loss(t, logits, w, impl=impl), lg[:, 0, 0],
+         torch.tensor(0.5)),
+    ]
+
+
+def test_torch_func_grad_and_vjp_of_the_fused_losses_match_torch(fused):
+    """torch.func.grad and torch.func.vjp (a cotangent other than 1) through the fused autograd formulas give the
+    torch implementation's gradients; they used to raise (the autograd Functions had no setup_context)."""
+    for (name, fused_loss, x, cotangent), (_, torch_loss, _, _) in zip(loss_calls(3, fused), loss_calls(3, "torch")):
+        want = torch.func.vjp(torch_loss, x)[1](cotangent)[0]
+        got = torch.func.vjp(fused_loss, x)[1](cotangent)[0]
+        close(got, want)
+        if cotangent.ndim == 0:
+            close(torch.func.grad(fused_loss)(x), torch.func.grad(torch_loss)(x))
+        assert got.shape == x.shape, name
+
+
+def test_torch_func_grad_of_add_noise_matches_autograd(impl):
+    """torch.func.grad of a loss of add_noise's x_t w.r.t. x0 and alpha, through the latent path with the eps and z
+    drawn from a seed, equals what torch.autograd.grad gives for the same call."""
+    shape = (3, 2, 4)
+    x0, alpha, w = torch.randn(shape), torch.rand(3) + 0.5, torch.randn(shape)
+    std, scale = torch.rand(shape), torch.rand(2) + 0.5
+
+    def loss(x0, alpha):
+        return (losses.add_noise(x0, alpha, 0.7, seed=5, latent_std=std, latent_scale=scale, impl=impl) * w).sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1))(x0, alpha)
+    xl, al = leaf(x0), leaf(alpha)
+    want = torch.autograd.grad(loss(xl, al), (xl, al))
+    for g, wg in zip(got, want):
+        close(g, wg)
+
+
+def test_torch_func_refuses_a_second_derivative_and_vmap_of_the_fused_losses(fused):
+    """grad of grad raises the fused paths' no-second-derivative error (it used to be silently 0 once grad ran);
+    vmap raises an error that says so and names the loss."""
+    for name, loss_of, x, _ in loss_calls(3, fused):
+        scalar = (lambda t, f=loss_of: f(t).sum())
+        with pytest.raises(RuntimeError, match=rf"{name} \(impl='{fused}'\) has no second derivative"):
+            torch.func.grad(lambda t: torch.func.grad(scalar)(t).square().sum())(x)
+        with pytest.raises(NotImplementedError, match=rf"{name} \(impl='{fused}'\) does not support torch.func.vmap"):
+            torch.func.vmap(scalar)(x[None].expand(2, *x.shape))

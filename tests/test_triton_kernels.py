@@ -19,6 +19,7 @@ import torch
 
 from fastonestep import losses
 from fastonestep.kernels import reference as ref
+from fastonestep.kernels.fused_backward import needs_grad
 from fastonestep.kernels import triton_common as tc
 from fastonestep.kernels import triton_losses as tk
 from fastonestep.kernels import triton_noise as tn
@@ -121,15 +122,16 @@ def test_dmd_loss_without_grad_and_second_backward():
 
 def test_functions_applied_to_constants_that_require_grad_return_no_gradient():
     """The autograd Functions applied directly with only a constant requiring grad (the public wrappers detach
-    constants first): the forward writes no gradient, and the backward returns None for every input instead of
+    constants first): the forward writes no gradient (write_grad, the last argument, is what the wrappers pass:
+    fused_backward.needs_grad of the trained inputs), and the backward returns None for every input instead of
     unpacking saved tensors that do not exist."""
     x, rh, fh, lg = randn(3, 9), randn(3, 9), randn(3, 9), randn(3, 9)
     logits, sigma = torch.randn(3, device=DEV), torch.rand(3, device=DEV) + 0.2
     cases = [
-        (lambda c: tk.DMDLoss.apply(x, rh, c), fh),
-        (lambda c: tk.RatioGeneratorLoss.apply(x, c, logits, None, "rkl", True, 10.0), lg),
-        (lambda c: tk.DenoisingLoss.apply(x, rh, fh, c, 0.5).sum(), sigma),
-        (lambda c: tk.RatioClassifierLoss.apply(logits, -logits, c), sigma),
+        (lambda c: tk.DMDLoss.apply(x, rh, c, needs_grad(x))[0], fh),
+        (lambda c: tk.RatioGeneratorLoss.apply(x, c, logits, None, "rkl", True, 10.0, needs_grad(x))[0], lg),
+        (lambda c: tk.DenoisingLoss.apply(x, rh, fh, c, 0.5, needs_grad(x, rh, fh))[0].sum(), sigma),
+        (lambda c: tk.RatioClassifierLoss.apply(logits, -logits, c, needs_grad(logits))[0], sigma),
     ]
     for loss_of, constant in cases:
         c = constant.clone().requires_grad_(True)
