@@ -46,12 +46,17 @@ def test_quick_smoke_writes_both_methods_with_provenance(quick):
         batch = int(r["global_batch"])
         assert math.isclose(float(r["images_per_s"]), batch / med, rel_tol=1e-3)
         assert math.isclose(float(r["sec_per_kimg"]), 1000 * med / batch, rel_tol=1e-3)
+        data_batches = float(r["data_batches_per_iter"])  # real batches drawn: what a loader must deliver
+        assert math.isclose(float(r["data_images_per_s"]), data_batches * batch / med, rel_tol=1e-3)
         assert int(r["nonfinite_steps"]) == 0
     by = {r["method"]: r for r in rows}
     # the presets' settings: DiffRatio one ratio step, DMD2 five fake-score steps, per generator update
     phases = {m: by[m]["phase_s"] for m in by}
     assert phases["diffratio"].startswith("ratio_step(x1)=") and "generator_step(x1)=" in phases["diffratio"]
     assert phases["dmd"].startswith("fake_step(x5)=") and "generator_step(x1)=" in phases["dmd"]
+    # DiffRatio reads one real batch per ratio step; each DMD2 fake step reads one for its GAN head (and more)
+    assert float(by["diffratio"]["data_batches_per_iter"]) == 1
+    assert float(by["dmd"]["data_batches_per_iter"]) >= 5
     names = {m: [kv.split("=")[0] for kv in by[m]["params"].split(";")] for m in by}
     assert names["diffratio"][:2] == ["generator", "ratio"] and "ema" in names["diffratio"]
     assert names["dmd"][0] == "generator" and "ema" in names["dmd"] and len(names["dmd"]) >= 4  # + critic, teacher

@@ -18,8 +18,10 @@ Setup of a case (method, size, backend, batch per GPU, precision, kernels, activ
 
 Measured after `--warmup` untimed iterations, over `--iters` timed ones (each bracketed by
 torch.cuda.synchronize on GPU): median / p20 / p80 seconds per iteration, images/s (= global batch /
-median: generator images per second, all GPUs), seconds per kimg (= 1000 x median / global batch), the CUDA
-peak allocated and reserved memory over the timed iterations and the memory allocated between iterations
+median: generator images per second, all GPUs), the real batches one iteration draws from `next_batch` and the
+data images/s that makes (what a loader must deliver; DMD2 reads one batch per fake step, or more), seconds
+per kimg (= 1000 x median / global batch), the CUDA peak allocated and reserved memory over the timed
+iterations and the memory allocated between iterations
 (the resident training state). One more, instrumented, iteration then times each phase (`ratio_step`,
 `fake_step`, `generator_step`) and records the peak allocation inside it (absolute, and above what was
 allocated when the phase began: that phase's activations and temporaries). Per-network state (weights +
@@ -82,7 +84,7 @@ CPU_NOTE = "CPU smoke run, not a performance claim"
 COLUMNS = (
     "method", "size", "backend", "zero_stage", "world_size", "batch_per_gpu", "global_batch", "latent_shape",
     "precision", "kernels", "activation_checkpointing", "warmup", "iters",
-    "median_s", "p20_s", "p80_s", "images_per_s", "sec_per_kimg",
+    "median_s", "p20_s", "p80_s", "images_per_s", "sec_per_kimg", "data_batches_per_iter", "data_images_per_s",
     "peak_alloc_gib", "peak_reserved_gib", "resident_gib", "phase_s", "phase_peak_gib", "phase_act_gib",
     "params", "state_gib", "state_total_gib", "nonfinite_steps",
     "device", "device_type", "torch", "triton", "deepspeed", "commit", "date", "is_claim", "status", "note",
@@ -368,7 +370,10 @@ def run_case(case: Case, date: str = "", log=print) -> dict | None:
         x_real = cfg.diffusion.sigma_data * torch.randn((case.batch_per_gpu, *shape), generator=gen, device=device)
         labels = torch.randint(0, max(classes, 1), (case.batch_per_gpu,), generator=gen, device=device)
 
+        data_batches = [0]  # real batches the method draws (DMD2: one per fake step, or more): the loader's load
+
         def next_batch():
+            data_batches[0] += 1
             return x_real, labels
 
         global_batch = cfg.train.batch_size
@@ -383,6 +388,7 @@ def run_case(case: Case, date: str = "", log=print) -> dict | None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times, bad = [], 0
+        data_batches[0] = 0
         for i in range(case.warmup, case.warmup + case.iters):
             _sync(device)
             t0 = time.perf_counter()
@@ -390,6 +396,7 @@ def run_case(case: Case, date: str = "", log=print) -> dict | None:
             _sync(device)
             times.append(time.perf_counter() - t0)
             bad += any(not _is_finite(v) for k, v in stats.items() if k.startswith("grad_norm/"))
+        batches_per_iter = data_batches[0] / case.iters  # the timed iterations' only
         mem = [0.0, 0.0, 0.0]
         if device.type == "cuda":
             mem = [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device),
@@ -417,6 +424,8 @@ def run_case(case: Case, date: str = "", log=print) -> dict | None:
         row.update({
             "median_s": _fmt(med), "p20_s": _fmt(_quantile(times, 0.2)), "p80_s": _fmt(_quantile(times, 0.8)),
             "images_per_s": _fmt(global_batch / med), "sec_per_kimg": _fmt(1000 * med / global_batch),
+            "data_batches_per_iter": _fmt(batches_per_iter),
+            "data_images_per_s": _fmt(batches_per_iter * global_batch / med),
             "peak_alloc_gib": _fmt(peaks[0] / GIB) if cuda else "",
             "peak_reserved_gib": _fmt(peaks[1] / GIB) if cuda else "",
             "resident_gib": _fmt(peaks[2] / GIB) if cuda else "",

@@ -226,13 +226,30 @@ def encode_folder(image_folder: str, vae_path: str, out_dir: str, resolution: in
         moments = encode_images(vae, images_to_tensor(pixels, None)).cpu().numpy()
         channels = moments.shape[1] // 2
         for i, m in zip(chunk, moments):
-            _save_npy_atomic(os.path.join(out_dir, names[i]), m)
+            save_moments(out_dir, i, m)
     if channels is None:  # everything was there already: read one file for the channel count
         channels = np.load(os.path.join(out_dir, names[0]), mmap_mode="r").shape[0] // 2
     labels = images.labels.tolist() if images.labels is not None else [None] * n
-    meta.update(latent_channels=int(channels), labels=[[name, lab] for name, lab in zip(names, labels)])
-    atomic_write_json(index_path, meta)
+    write_latent_index(out_dir, meta, names, labels, channels)
     os.remove(progress_path)
+    return meta
+
+
+def save_moments(out_dir: str, index: int, moments: np.ndarray) -> str:
+    """Writes image `index`'s float32 (2C, H, W) posterior [mean; std] where the dataset format puts it;
+    returns its name relative to out_dir."""
+    name = latent_file_name(index)
+    _save_npy_atomic(os.path.join(out_dir, name), np.asarray(moments, dtype=np.float32))
+    return name
+
+
+def write_latent_index(out_dir: str, meta: dict, names: list[str], labels: list, channels: int) -> dict:
+    """Completes `meta` with the channel count and the [file, label] list and writes it as DIR/dataset.json
+    (last: its presence marks a finished dataset). Returns meta."""
+    from fastonestep.engine.checkpoint import atomic_write_json
+
+    meta.update(latent_channels=int(channels), labels=[[name, lab] for name, lab in zip(names, labels)])
+    atomic_write_json(os.path.join(out_dir, "dataset.json"), meta)
     return meta
 
 
