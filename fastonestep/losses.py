@@ -307,3 +307,95 @@ def ratio_classifier_loss(logits_gen, logits_real, weight=None, impl="auto"):
     if name == "triton":
         return mod[0].ratio_classifier_loss(logits_gen, logits_real, weight)
     return mod.ratio_classifier_loss(logits_gen, logits_real, weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Module wrappers: the functions above as torch.nn.Modules, for trainers that hold their losses as modules
+# (Liger-Kernel style). The settings are fixed and checked at construction; forward takes the tensors only.
+# They hold no parameters and no buffers, so they add nothing to a state_dict.
+
+
+def _check_impl(impl: str, owner: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"{owner}: impl={impl!r} is not one of {', '.join(IMPLS)}")
+    return impl
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class DenoisingLoss(torch.nn.Module):
+    """`denoising_loss` as a module: per-sample EDM losses reduced by `reduction` ("mean" over the batch, 0 for an
+    empty one like every scalar loss here; "sum"; "none": the (B,) losses)."""
+
+    def __init__(self, sigma_data: float = 0.5, reduction: str = "mean", impl: str = "auto"):
+        super().__init__()
+        if not sigma_data > 0:
+            raise ValueError(f"DenoisingLoss: sigma_data must be positive, got {sigma_data!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"DenoisingLoss: reduction={reduction!r} is not one of {', '.join(REDUCTIONS)}")
+        self.sigma_data, self.reduction = float(sigma_data), reduction
+        self.impl = _check_impl(impl, "DenoisingLoss")
+
+    def forward(self, F, x_t, x0, sigma):
+        per_sample = denoising_loss(F, x_t, x0, sigma, self.sigma_data, impl=self.impl)
+        if self.reduction == "none":
+            return per_sample
+        if self.reduction == "sum":
+            return per_sample.sum()
+        return _ref.mean_or_zero(per_sample)
+
+    def extra_repr(self) -> str:
+        return f"sigma_data={self.sigma_data}, reduction={self.reduction!r}, impl={self.impl!r}"
+
+
+class DMDLoss(torch.nn.Module):
+    """`dmd_loss` as a module: forward(x, x_real_hat, x_fake_hat) -> scalar (design 4.2)."""
+
+    def __init__(self, impl: str = "auto"):
+        super().__init__()
+        self.impl = _check_impl(impl, "DMDLoss")
+
+    def forward(self, x, x_real_hat, x_fake_hat):
+        return dmd_loss(x, x_real_hat, x_fake_hat, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl!r}"
+
+
+class RatioGeneratorLoss(torch.nn.Module):
+    """`ratio_generator_loss` as a module: forward(x, logit_grad, logits, weight=None) -> scalar surrogate
+    (design 4.1(b)) for the divergence, normaliser and clamp fixed here."""
+
+    def __init__(self, divergence: str = "rkl", normalize: bool = True, clamp: float = 10.0, impl: str = "auto"):
+        super().__init__()
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"RatioGeneratorLoss: divergence={divergence!r} is not one of {', '.join(DIVERGENCES)}")
+        if not clamp > 0:
+            raise ValueError(f"RatioGeneratorLoss: clamp must be positive (logits are clamped to [-clamp, clamp]); "
+                             f"got {clamp!r}")
+        self.divergence, self.normalize, self.clamp = divergence, bool(normalize), float(clamp)
+        self.impl = _check_impl(impl, "RatioGeneratorLoss")
+
+    def forward(self, x, logit_grad, logits, weight=None):
+        return ratio_generator_loss(x, logit_grad, logits, weight, self.divergence, self.normalize, self.clamp,
+                                    impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"divergence={self.divergence!r}, normalize={self.normalize}, clamp={self.clamp}, "
+                f"impl={self.impl!r}")
+
+
+class RatioClassifierLoss(torch.nn.Module):
+    """`ratio_classifier_loss` as a module: forward(logits_gen, logits_real, weight=None) -> scalar logistic loss
+    (generated = 1, real = 0)."""
+
+    def __init__(self, impl: str = "auto"):
+        super().__init__()
+        self.impl = _check_impl(impl, "RatioClassifierLoss")
+
+    def forward(self, logits_gen, logits_real, weight=None):
+        return ratio_classifier_loss(logits_gen, logits_real, weight, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl!r}"
