@@ -243,7 +243,12 @@ def add_noise(x0, alpha, sigma, noise=None, seed=None, impl="auto", *, latent_st
     the clean sample is (x0 + latent_std * z) * latent_scale_c + latent_bias_c (c = dimension 1), z =
     `latent_noise` or a second stream of the same seed, independent of eps (drawn from a fresh seed when there is
     none, also when `noise` is given); latent_scale / latent_bias alone apply only the per-channel affine map.
-    `return_x0=True` returns (x_t, clean sample)."""
+    `return_x0=True` returns (x_t, clean sample).
+
+    Every implementation gives the eager reference's gradients to x0, noise, alpha, sigma and, on the latent path,
+    latent_std, latent_scale, latent_bias and a given latent_noise, each in its argument's shape and dtype (a
+    per-channel scale or bias summed over batch and positions); Triton regenerates drawn eps and z from the seed
+    in the backward."""
     _check_data("add_noise", x0=x0, noise=noise, latent_std=latent_std, latent_noise=latent_noise)
     _check_per_sample("add_noise", x0.shape[0], alpha=alpha, sigma=sigma)
     if latent_noise is not None and latent_std is None:

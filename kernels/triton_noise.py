@@ -14,12 +14,17 @@ pass (`return_x0=True`) for use as the denoising target, or regenerated later wi
 Gradients, as the eager reference's autograd gives them: d x_t / d x0 = alpha_i (times scale_c on the latent
 path), d x_t / d noise = sigma_i, d / d alpha_i = sum_j x0_ij g_ij with x0 the clean sample (regenerated from the
 seed on the latent path), d / d sigma_i = sum_j eps_ij g_ij (eps regenerated from the seed when it was drawn).
-The latent path's std, scale and bias get none (add_noise refuses them when they require grad). The main use is
-under no_grad; the backward is plain torch plus, for alpha and sigma, one regenerating launch.
+On the latent path, with g_c the gradient reaching the clean sample (alpha_i g, plus the returned sample's):
+d / d mean = scale_c g_c, d / d std = scale_c z g_c, d / d z = scale_c std g_c (a given z), d / d scale_c and
+d / d bias_c the sums over batch and positions of (mean + std z) g_c and g_c (over everything for a scalar), in
+fp32 and each returned in its argument's shape and dtype; z and the sample are regenerated from the seed. The
+forward saves a full-size input only when a requested gradient reads it. The main use is under no_grad; the
+backward is plain torch plus one regenerating launch per stream or sample it needs.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -151,8 +156,9 @@ def _grad_like(v):
 
 class _AddNoise(torch.autograd.Function):
     """x_t, or (x_t, clean sample) when return_x0. setup_context style, so torch.func.grad / vjp can run it. The
-    backward regenerates what the forward did not store: eps from the seed (for sigma's gradient) and the clean
-    sample of the latent path in fp32 (for alpha's), exactly as the forward computed them."""
+    backward regenerates what the forward did not store: eps from the seed (for sigma's gradient), z from the seed
+    (for std's), and the clean sample of the latent path in fp32 (for alpha's; before scale and bias, for
+    scale's), exactly as the forward computed them."""
 
     @staticmethod
     def forward(x0, noise, alpha, sigma, seed, std, z, scale, bias, return_x0):
@@ -176,44 +182,101 @@ class _AddNoise(torch.autograd.Function):
         x0, noise, alpha, sigma, seed, std, z, scale, bias, _ = inputs
         B = x0.shape[0]
         ctx.seed = seed
-        ctx.dtypes = (x0.dtype, None if noise is None else noise.dtype)
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (x0, noise, std, z))
         ctx.alpha_like, ctx.sigma_like = _grad_like(alpha), _grad_like(sigma)
+        ctx.scale_like, ctx.bias_like = _grad_like(scale), _grad_like(bias)
         ctx.has_noise = noise is not None
-        # the inputs alpha's and sigma's gradients need are kept only when those gradients are asked for
-        for_alpha, for_sigma = ctx.needs_input_grad[2], ctx.needs_input_grad[3] and noise is not None
+        # full-size inputs are kept only for the gradients that read them: the sampled latent (alpha's, scale's),
+        # z for std's (regenerated when drawn), std for z's
+        needs = ctx.needs_input_grad
+        for_sample = needs[2] or needs[7]
+        for_sigma = needs[3] and noise is not None
         ctx.save_for_backward(
             tc.per_sample_vector(alpha, B, x0.device, "alpha"), tc.per_sample_vector(sigma, B, x0.device, "sigma"),
             _channel_vector(scale, x0, "latent_scale"), _channel_vector(bias, x0, "latent_bias"),
-            x0 if for_alpha else None, std if for_alpha else None, z if for_alpha else None,
-            noise if for_sigma else None)
+            x0 if for_sample else None, std if (for_sample or needs[6]) else None,
+            z if (for_sample or needs[5]) else None, noise if for_sigma else None)
 
     @staticmethod
     def backward(ctx, g_xt, g_x0=None):
         a, s, scale_v, bias_v, x0, std, z, noise = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         shape = g_xt.shape if g_xt is not None else g_x0.shape
-        B = shape[0]
-        view = (B,) + (1,) * (len(shape) - 1)
-        grad_x0 = grad_noise = grad_alpha = grad_sigma = None
-        if ctx.needs_input_grad[0]:
-            g = torch.zeros(shape, dtype=torch.float32, device=a.device)
-            if g_xt is not None:
-                g = g + g_xt.float() * a.view(view)
-            if g_x0 is not None:
-                g = g + g_x0.float()
-            if scale_v is not None:
-                g = g * (scale_v.view((1, -1) + (1,) * (len(shape) - 2)) if scale_v.numel() > 1 else scale_v)
-            grad_x0 = g.to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1] and g_xt is not None:
+        view = (shape[0],) + (1,) * (len(shape) - 1)
+        grad_noise = grad_alpha = grad_sigma = None
+        latent = _LatentGrads()
+        if needs[0] or any(needs[5:9]):
+            latent = _latent_grads(ctx, _clean_sample_grad(g_xt, g_x0, a.view(view), shape), x0, std, z, scale_v)
+        if needs[1] and g_xt is not None:
             grad_noise = (g_xt.float() * s.view(view)).to(ctx.dtypes[1])
-        if ctx.needs_input_grad[2] and g_xt is not None:
+        if needs[2] and g_xt is not None:
             clean = _clean_sample_fp32(x0, std, z, scale_v, bias_v, ctx.seed)
             grad_alpha = _per_sample_grad(clean, g_xt, ctx.alpha_like)
-        if ctx.needs_input_grad[3] and g_xt is not None:
+        if needs[3] and g_xt is not None:
             eps = noise if ctx.has_noise else regenerate_noise(shape, ctx.seed, device=g_xt.device)
             grad_sigma = _per_sample_grad(eps, g_xt, ctx.sigma_like)
-        return grad_x0, grad_noise, grad_alpha, grad_sigma, None, None, None, None, None, None
+        return (latent.mean, grad_noise, grad_alpha, grad_sigma, None, latent.std, latent.z, latent.scale,
+                latent.bias, None)
 
     vmap = refuse_vmap("add_noise (impl='triton')")
+
+
+@dataclass
+class _LatentGrads:
+    """Gradients of the inputs of the clean sample (x0 + std * z) * scale + bias; None where not asked for."""
+
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def _clean_sample_grad(g_xt, g_x0, a_view, shape) -> torch.Tensor:
+    """fp32 gradient reaching the clean sample: alpha_i * g through x_t, plus g of the returned clean sample."""
+    g = torch.zeros(shape, dtype=torch.float32, device=a_view.device)
+    if g_xt is not None:
+        g = g + g_xt.float() * a_view
+    if g_x0 is not None:
+        g = g + g_x0.float()
+    return g
+
+
+def _latent_grads(ctx, g_clean, x0, std, z, scale_v) -> _LatentGrads:
+    """The latent path's gradients from the clean sample's, in fp32, each cast to its argument's dtype: through
+    the per-channel scale to x0 (the mean), std (times z) and a given z (times std); scale's and bias's summed
+    per channel (scale's against the regenerated sample before the affine map)."""
+    needs, (x0_dtype, _, std_dtype, z_dtype) = ctx.needs_input_grad, ctx.dtypes
+    out = _LatentGrads()
+    g_pre = g_clean if scale_v is None else g_clean * _channel_view(scale_v, g_clean.ndim)
+    if needs[0]:
+        out.mean = g_pre.to(x0_dtype)
+    if needs[5]:
+        if z is None:  # drawn in the forward: regenerated bit-identical (and reused for scale's gradient)
+            z = regenerate_noise(g_clean.shape, ctx.seed, stream="latent", device=g_clean.device)
+        out.std = (g_pre * z.float()).to(std_dtype)
+    if needs[6]:
+        out.z = (g_pre * std.float()).to(z_dtype)
+    if needs[7]:
+        pre_affine = _clean_sample_fp32(x0, std, z, None, None, ctx.seed)
+        out.scale = _channel_grad(g_clean * pre_affine, ctx.scale_like)
+    if needs[8]:
+        out.bias = _channel_grad(g_clean, ctx.bias_like)
+    return out
+
+
+def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-channel vector viewed to broadcast along dimension 1 of an ndim tensor; a scalar as it is."""
+    return v.view((1, -1) + (1,) * (ndim - 2)) if v.numel() > 1 else v
+
+
+def _channel_grad(terms: torch.Tensor, like) -> torch.Tensor:
+    """d loss / d (latent scale or bias) from its per-element fp32 terms: summed over all but the channel dimension
+    (over everything for a scalar), shaped and typed like the argument (`like` = (shape, dtype))."""
+    shape, dtype = like
+    if math.prod(shape) == 1:
+        return terms.sum().reshape(shape).to(dtype)
+    return terms.sum(dim=[d for d in range(terms.ndim) if d != 1]).reshape(shape).to(dtype)
 
 
 def _clean_sample_fp32(x0, std, z, scale_v, bias_v, seed):
@@ -238,9 +301,6 @@ def add_noise(x0, alpha, sigma, noise=None, seed=None, *, latent_std=None, laten
     seed's latent stream; latent_scale / latent_bias alone apply just the per-channel affine map. With
     return_x0=True returns (x_t, clean sample), both written by the same pass."""
     check_batched(x0, "x0", "add_noise")
-    for name, t in (("latent_std", latent_std), ("latent_scale", latent_scale), ("latent_bias", latent_bias)):
-        if isinstance(t, torch.Tensor) and t.requires_grad:
-            raise ValueError(f"add_noise (triton) does not propagate gradients into {name}")
     if latent_noise is not None and latent_std is None:
         raise ValueError("latent_noise needs latent_std (the latent sampling path)")
     seed = _seed(seed) if (noise is None or (latent_std is not None and latent_noise is None)) else 0

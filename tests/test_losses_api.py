@@ -445,6 +445,97 @@ def test_add_noise_gives_alpha_and_sigma_their_gradients(impl, per_sample):
             close(g, wg, rtol=1e-4)
 
 
+# ------------------------------------------------------------------------------------- add_noise: latent gradients
+
+
+def drawn(impl, shape, seed, stream):
+    """The eps or z (`stream` "eps" / "latent") an implementation drew for `seed`, exactly: Triton's Philox streams,
+    or torch's generator (torch and ext draw through the reference, z seeded with latent_seed)."""
+    if impl == "triton":
+        from fastonestep.kernels import triton_noise
+
+        return triton_noise.regenerate_noise(shape, seed, stream=stream)
+    gen = torch.Generator().manual_seed(ref.latent_seed(seed) if stream == "latent" else seed)
+    return torch.randn(shape, generator=gen)
+
+
+def latent_affines(C):
+    """(name, latent_scale, latent_bias) in the shapes add_noise accepts: one value per channel, as (C,) or
+    (1, C, 1, 1), and one value for every channel, as a 0-d or a (1,) tensor."""
+    return [
+        ("per-channel", torch.rand(C) + 0.5, torch.randn(1, C, 1, 1)),
+        ("scalar", torch.rand(()) + 0.5, torch.randn(1)),
+    ]
+
+
+def latent_reference_grads(trained, constants, w, w2):
+    """torch.autograd.grad of the eager reference (latent_sample, then add_noise) for the loss
+    sum(x_t w) + sum(clean w2): {name: gradient} for each argument in `trained`, taken as a float64 leaf;
+    `constants` holds the others (a drawn z or eps, alpha or sigma given as numbers)."""
+    leaves = {k: leaf(v.double()) for k, v in trained.items()}
+    args = {**{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in constants.items()}, **leaves}
+    clean = ref.latent_sample(args["mean"], args["std"], args["z"], args["scale"], args["bias"])
+    x_t = ref.add_noise(clean, args["alpha"], args["sigma"], noise=args["noise"])
+    loss = (x_t * w.double()).sum() + (clean * w2.double()).sum()
+    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("per_sample", ["number", "B", "B1"])
+@pytest.mark.parametrize("z_from", ["seed", "given"])
+def test_add_noise_latent_path_gives_every_input_its_gradient(impl, dtype, per_sample, z_from):
+    """The mean, latent_std, latent_scale, latent_bias (and a given latent_noise z, and noise) get the eager
+    reference's gradients, in their own shapes and dtypes, with z and eps regenerated from the seed when they
+    were drawn, through x_t and the returned clean sample. The Triton path used to refuse std, scale and bias
+    that require grad, and gave a given z none."""
+    B, shape, seed = 4, (4, 3, 2, 5), 9
+    make = {"number": lambda v: 0.8, "B": lambda v: v, "B1": lambda v: v[:, None]}[per_sample]
+    alpha, sigma = make(torch.rand(B) + 0.5), make(torch.rand(B) + 0.5)
+    mean, std, w, w2 = (torch.randn(shape).to(dtype), (torch.rand(shape) + 0.5).to(dtype),
+                        torch.randn(shape).to(dtype), torch.randn(shape).to(dtype))
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    for name, scale, bias in latent_affines(shape[1]):
+        inputs = dict(mean=mean, std=std, scale=scale, bias=bias)
+        if z_from == "given":
+            inputs.update(z=torch.randn(shape).to(dtype), noise=torch.randn(shape).to(dtype))
+        per = dict(alpha=alpha, sigma=sigma)
+        trained = {k: leaf(v) for k, v in {**inputs, **per}.items() if isinstance(v, torch.Tensor)}
+        x_t, clean = losses.add_noise(
+            trained["mean"], trained.get("alpha", alpha), trained.get("sigma", sigma), noise=trained.get("noise"),
+            seed=seed, impl=impl, latent_std=trained["std"], latent_noise=trained.get("z"),
+            latent_scale=trained["scale"], latent_bias=trained["bias"], return_x0=True)
+        loss = (x_t.float() * w.float()).sum() + (clean.float() * w2.float()).sum()
+        got = dict(zip(trained, torch.autograd.grad(loss, list(trained.values()))))
+
+        drawn_ones = dict(z=drawn(impl, shape, seed, "latent"), noise=drawn(impl, shape, seed, "eps"))
+        constants = {k: v for k, v in {**drawn_ones, **per}.items() if k not in trained}
+        want = latent_reference_grads({k: v.detach() for k, v in trained.items()}, constants, w, w2)
+        for k, g in got.items():
+            arg = trained[k]
+            assert g.shape == arg.shape and g.dtype == arg.dtype, (name, k, g.shape, g.dtype)
+            close(g, want[k], rtol=tol)
+
+
+def test_triton_add_noise_keeps_a_full_size_input_only_for_a_gradient_that_reads_it(cache_dir):
+    """The latent gradients cost the forward no memory unless asked for: with only the mean trained, nothing of
+    the sample's size is saved for the backward; std's gradient keeps a given z (a drawn one is regenerated),
+    z's keeps std, scale's the mean, std and z."""
+    _available("triton")
+    shape = (2, 3, 4)
+    mean, std, z, scale = torch.randn(shape), torch.rand(shape) + 0.5, torch.randn(shape), torch.rand(3) + 0.5
+
+    def full_size_saved(**trained):
+        args = dict(dict(mean=mean, std=std, z=z, scale=scale), **{k: leaf(v) for k, v in trained.items()})
+        x_t = losses.add_noise(args["mean"], 0.8, 0.6, seed=1, latent_std=args["std"], latent_noise=args["z"],
+                               latent_scale=args["scale"], impl="triton")
+        return sum(t is not None and t.shape == shape for t in x_t.grad_fn.saved_tensors)
+
+    assert full_size_saved(mean=mean) == 0
+    assert full_size_saved(std=std) == 1
+    assert full_size_saved(z=z) == 1
+    assert full_size_saved(scale=scale) == 3
+
+
 # ------------------------------------------------------------------------------------- torch.func
 
 
@@ -489,6 +580,30 @@ def test_torch_func_grad_of_add_noise_matches_autograd(impl):
     xl, al = leaf(x0), leaf(alpha)
     want = torch.autograd.grad(loss(xl, al), (xl, al))
     for g, wg in zip(got, want):
+        close(g, wg)
+
+
+@pytest.mark.parametrize("z_from", ["seed", "given"])
+def test_torch_func_grad_of_add_noise_reaches_the_latent_inputs(impl, z_from):
+    """torch.func.grad w.r.t. the mean, latent_std, latent_scale, latent_bias (and a given z) through the latent
+    path, the clean sample in the loss too, equals torch.autograd.grad of the same call (Triton used to refuse)."""
+    shape = (3, 2, 4)
+    mean, std, w, w2 = torch.randn(shape), torch.rand(shape) + 0.5, torch.randn(shape), torch.randn(shape)
+    scale, bias = torch.rand(2) + 0.5, torch.randn(1, 2, 1)
+    args = (mean, std, scale, bias) + ((torch.randn(shape),) if z_from == "given" else ())
+
+    def loss(mean, std, scale, bias, z=None):
+        x_t, clean = losses.add_noise(mean, torch.rand(3) + 0.5, 0.7, seed=5, latent_std=std, latent_noise=z,
+                                      latent_scale=scale, latent_bias=bias, return_x0=True, impl=impl)
+        return (x_t * w).sum() + (clean * w2).sum()
+
+    torch.manual_seed(2)  # the same alpha in both calls
+    got = torch.func.grad(loss, argnums=tuple(range(len(args))))(*args)
+    leaves = [leaf(t) for t in args]
+    torch.manual_seed(2)
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    for g, wg, arg in zip(got, want, args):
+        assert g.shape == arg.shape
         close(g, wg)
 
 
