@@ -105,3 +105,17 @@ def test_eval_images_are_a_grid_of_the_first_samples(tmp_path):
     (image,) = acc.Images("eval/samples")
     assert image.step == 3
     assert (image.height, image.width) == (4 * (8 + 2) + 2, 4 * (6 + 2) + 2)  # 16 of the 20, 4 per row
+
+
+def test_a_run_continued_past_a_partial_last_line_shows_the_stats_lines_and_keeps_that_steps_evaluation(tmp_path):
+    """Steps 7 then 12 (a line every 2 steps, an evaluation every 6): the partial line at 7 leaves stats.jsonl
+    and TensorBoard alike; the evaluation logged at 6 stays in both; one at the old last step would come back."""
+    run = tmp_path / "run"
+    _train(run, "train.steps=7", "train.eval_every_kimg=1.792")  # an evaluation at step 7, the last one
+    _train(run, "train.steps=12", "train.eval_every_kimg=1.792")
+    stats, evals, board = _stats(run), read_eval_log(str(run)), _board(run)
+    assert [row["step"] for row in stats] == [2, 4, 6, 8, 10, 12]
+    assert [e.step for e in board.Scalars("loss")] == [row["step"] for row in stats]
+    assert [e.value for e in board.Scalars("loss")] == pytest.approx([row["loss"] for row in stats], rel=1e-6)
+    assert [row["step"] for row in evals] == [7]
+    assert [e.step for e in board.Scalars("eval/energy_distance")] == [7]

@@ -21,7 +21,7 @@ from fastonestep.engine.checkpoint import atomic_write_json, list_checkpoints, l
 from fastonestep.engine.distributed import make_backend
 from fastonestep.engine.evaluate import evaluate
 from fastonestep.engine.export import export_model, network_spec
-from fastonestep.engine.periodic_eval import eval_due, periodic_eval, truncate_eval_log
+from fastonestep.engine.periodic_eval import eval_due, periodic_eval, read_eval_log, truncate_eval_log
 from fastonestep.engine.rundir import claimed_run_dir
 from fastonestep.engine.stats import StatsLogger, truncate_stats
 from fastonestep.engine.stop import TrainingStopped, stop_requests
@@ -194,8 +194,9 @@ def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
             loader.load_state_dict(state["loader"])
             load_default_rng_state(state, method.device)
             log(f"resuming from {ckpt_path} (step {start})")
+        continues = _continues_logged_interval(state, cfg)
         if main:  # also on a fresh start: lines of an attempt that never checkpointed
-            truncate_stats(run_dir, start - 1 if _continues_logged_interval(state, cfg) else start)
+            truncate_stats(run_dir, start - 1 if continues else start)
             truncate_eval_log(run_dir, start)
         backend.barrier()  # every rank has checked the saved config and restored its state
         if main:  # only now: a refused or failed start leaves the run's config.yaml as it was
@@ -204,8 +205,13 @@ def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
         log(f"parameters: {method.parameter_counts}")
         # TensorBoard lives as long as the steps: closed (flushed) after the last one, or when a step raises.
         # SIGTERM / SIGINT during the steps: the step finishes, is checkpointed, and TrainingStopped is raised.
-        with tensorboard_log(cfg.train.tensorboard and main, run_dir, start + 1, log) as board, \
+        first_logged = start if continues else start + 1  # TensorBoard drops the events from here on
+        with tensorboard_log(cfg.train.tensorboard and main, run_dir, first_logged, log) as board, \
                 stop_requests(backend.world_size, method.device) as stop:
+            if continues and board is not None:  # purged from `start` with the partial line: its evaluation returns
+                for row in read_eval_log(run_dir):  # (scalars only; that step's sample grid is not kept)
+                    if row["step"] == start:
+                        board.eval(row)
             stats = StatsLogger(run_dir, method.device, backend)
             stats.load_pending_state(state.get("stats") if state else None, holds_totals=main)
 
