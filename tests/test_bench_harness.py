@@ -1,6 +1,9 @@
 """The kernel benchmark harness on CPU: rows, CSV, bytes/GB/s bookkeeping and reports. No timing assertions."""
 import csv
 import math
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -209,3 +212,13 @@ def test_a_spent_budget_skips_the_remaining_cases_with_a_row_each(tmp_path):
         assert r["status"] == "skipped" and "--max-seconds" in r["note"] and r["median_ms"] is None
     assert len(K.read_rows(path)) == len(rows)
     assert "| dmd_loss |" not in K.markdown_table(path)  # nothing measured, nothing claimed
+
+
+def test_the_budget_counts_from_the_process_start(tmp_path):
+    # A process that spent 3 s before the run (as imports and CUDA start-up do) has nothing left of a 2 s budget.
+    code = ("import time; time.sleep(3); from fastonestep.benchmark import kernels as K; "
+            "rows = K.run(quick=True, losses=['dmd_loss'], providers=['eager'], device='cpu', out_csv=None, "
+            "max_seconds=2.0, log=lambda *_: None); print(rows[1]['status'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split()[-1] == "skipped"
+    assert 0 <= time.time() - K.process_start_time() < 3600
