@@ -9,7 +9,8 @@ peak memory instead of hiding it.
 Each training runs as its own `fastonestep train` process, so its peak memory (CUDA peak allocation on a
 GPU, the process's peak RSS on a CPU) is its own. With --quick the runs share this process (imports dominate
 tiny runs); the peak is restarted before each (CUDA: reset_peak_memory_stats; Linux: /proc/self/clear_refs),
-and left empty ('-') where it cannot be. Runs live under <out stem>_runs/<setup>/<method>; a re-run of the
+and left empty ('-') where it cannot be. A restarted CPU peak starts from the process's resident memory
+(imports, caches, what earlier runs left), so --quick peaks compare within one table, not with isolated runs. Runs live under <out stem>_runs/<setup>/<method>; a re-run of the
 command reuses finished runs and resumes interrupted ones.
 
 Columns: quality (toy: energy distance, modes covered of 25, high-quality fraction; MNIST: MNIST FD and
