@@ -307,7 +307,7 @@ class DeepSpeedTrainable(Trainable):
         if self._tag is None:
             raise RuntimeError(f"DeepSpeed engine '{self.name}': save_shards must run before state_dict")
         return {"deepspeed": {"dir": os.path.join(DEEPSPEED_DIR, self.name), "tag": self._tag,
-                              "files": self._files}}
+                              "files": self._files, "world_size": self.backend.world_size}}
 
     def load_state_dict(self, state):
         if "deepspeed" not in state:
@@ -315,17 +315,30 @@ class DeepSpeedTrainable(Trainable):
                                   "(distributed.backend single/ddp); resume it with the same backend")
         ref = state["deepspeed"]
         directory = os.path.join(self.backend.run_dir, ref["dir"], ref["tag"])
+        check_same_world_size(directory, ref.get("world_size"), self.backend.world_size)
         check_shard_files(directory, ref.get("files"))  # absent: a checkpoint written before they were recorded
         try:
             path, _ = self.engine.load_checkpoint(os.path.join(self.backend.run_dir, ref["dir"]), tag=ref["tag"],
                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
         except Exception as e:  # a damaged shard: DeepSpeed's error would not say which checkpoint
-            raise CheckpointError(f"DeepSpeed checkpoint '{directory}' cannot be loaded: {e}") from None
+            reason = str(e) or type(e).__name__  # (some ranks' DeepSpeed errors carry no text)
+            raise CheckpointError(f"DeepSpeed checkpoint '{directory}' cannot be loaded: {reason}") from None
         if path is None:
             raise CheckpointError(f"DeepSpeed checkpoint '{directory}' cannot be loaded (missing or incomplete)")
         self._tag = ref["tag"]
         self._master_slices = {}  # the load may have replaced the optimizer's buffers
         zero_weight_norm.mark_stale(self._forced_norm)
+
+
+def check_same_world_size(directory: str, written_by: int | None, running: int) -> None:
+    """ZeRO partitions the optimizer state per process, and DeepSpeed loads it on the same number of processes
+    only: refused here with both counts, on every rank alike (DeepSpeed's own refusal comes later and, on some
+    ranks, without a reason). None: a checkpoint written before the count was recorded."""
+    if written_by is not None and written_by != running:
+        raise CheckpointError(
+            f"DeepSpeed checkpoint '{directory}' was written by {written_by} process(es) and this run has {running}: "
+            "ZeRO's optimizer state is partitioned per process, so a distributed.backend=deepspeed run resumes on "
+            f"the same number of processes (start it with {written_by}); ddp and single runs resume on any number")
 
 
 def shard_files(directory: str) -> dict[str, int]:

@@ -7,7 +7,8 @@ Under DeepSpeed ZeRO the EMA is sharded like the optimizer's fp32 master weights
 averages only its own slice of each parameter (engine/zero_master.py), in fp32, with no communication, and holds
 1/N of the EMA instead of a full fp32 copy. The same numbers as a whole EMA: every element is averaged from the
 same master value. `gathered()` (collective) assembles the whole network on rank 0 for evaluation, checkpoints
-and the export; checkpoints hold the whole EMA, so a run resumes on any number of processes.
+and the export; checkpoints hold the whole EMA, so the EMA never ties a resume to a number of processes (ZeRO's
+optimizer state does: engine/distributed.py check_same_world_size).
 """
 from __future__ import annotations
 
