@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 from fastonestep.kernels import reference as _ref
-from fastonestep.kernels.fused_backward import first_order_only, refuse_vmap, saved_grad_dtype, scale_in_fp32
+from fastonestep.kernels.fused_backward import (first_order_only, prepare_context, refuse_vmap, saved_grad_dtype,
+                                                scale_in_fp32)
 from fastonestep.kernels.reference import DIVERGENCES
 from fastonestep.tensors import device_tensor
 
@@ -250,20 +251,20 @@ def _is_one(t: torch.Tensor) -> bool:
     return bool((t == 1).all())
 
 
-def _scale(grad: torch.Tensor, grad_output: torch.Tensor | None, per_row: bool = False,
+def _scale(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool = False,
            dtype: torch.dtype | None = None) -> torch.Tensor:
     """The backward of every op: the forward's gradient times grad_output (scalar, or (B,) when per_row), in fp32,
     cast once to `dtype` (the input's; default the gradient's). grad_output rounded to fp16 first would turn a
-    loss scale of 65536 into inf."""
+    loss scale of 65536 into inf. (A loss that got no gradient, grad_output None, never gets here: its backward
+    returns None for every input.)"""
     dtype = grad.dtype if dtype is None else dtype
-    if grad_output is None:
-        return torch.zeros(grad.shape, dtype=dtype, device=grad.device)
     if _is_one(grad_output):
         return grad.to(dtype)  # the saved gradient itself when the dtypes agree
     return scale_in_fp32(grad, grad_output, dtype, per_row)
 
 
 def _denoising_setup(ctx, inputs, output):
+    prepare_context(ctx, inputs)
     F, _, _, sigma, sigma_data = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1], sigma)
@@ -273,7 +274,7 @@ def _denoising_setup(ctx, inputs, output):
 
 def _denoising_backward(ctx, grad_loss, _grad_grad):
     grad_F, sigma = ctx.saved_tensors
-    if not any(ctx.needs_input_grad[:3]):
+    if grad_loss is None or not any(ctx.needs_input_grad[:3]):
         return None, None, None, None, None
     # gradients w.r.t. x_t and x0 follow from the fp32 one w.r.t. F, each rounded once to the input dtype
     gF = _scale(grad_F, grad_loss, per_row=True, dtype=_acc(grad_F.dtype))
@@ -290,38 +291,47 @@ def _denoising_backward(ctx, grad_loss, _grad_grad):
         if ctx.needs_input_grad[2]:
             g_x0 = (gF * (-1.0 / c_out).reshape(shape)).to(ctx.dtype)
     g_F = gF.to(ctx.dtype) if ctx.needs_input_grad[0] else None
-    return first_order_only((g_F, g_xt, g_x0, None, None), "denoising_loss (impl='ext')")
+    return first_order_only((g_F, g_xt, g_x0, None, None), "denoising_loss (impl='ext')", ctx)
 
 
 def _surrogate_setup(ctx, inputs, output):
+    prepare_context(ctx, inputs)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
     ctx.x_dtype = inputs[0].dtype
 
 
-def _dmd_backward(ctx, grad_loss, _grad_grad):
+def _surrogate_backward(ctx, grad_loss, n_inputs: int, what: str):
+    """x's gradient (argument 0) and None for the n_inputs - 1 constants; all None when the loss got no gradient."""
+    if grad_loss is None:
+        return (None,) * n_inputs
     (grad,) = ctx.saved_tensors
-    return first_order_only((_scale(grad, grad_loss, dtype=ctx.x_dtype), None, None), "dmd_loss (impl='ext')")
+    return first_order_only((_scale(grad, grad_loss, dtype=ctx.x_dtype),) + (None,) * (n_inputs - 1), what, ctx)
+
+
+def _dmd_backward(ctx, grad_loss, _grad_grad):
+    return _surrogate_backward(ctx, grad_loss, 3, "dmd_loss (impl='ext')")
 
 
 def _ratio_generator_backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    return first_order_only((_scale(grad, grad_loss, dtype=ctx.x_dtype), None, None, None, None, None, None),
-                            "ratio_generator_loss (impl='ext')")
+    return _surrogate_backward(ctx, grad_loss, 7, "ratio_generator_loss (impl='ext')")
 
 
 def _classifier_setup(ctx, inputs, output):
+    prepare_context(ctx, inputs)
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(output[1], output[2])
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
 
 
 def _classifier_backward(ctx, grad_loss, _g1, _g2):
+    if grad_loss is None:
+        return None, None, None
     grad_gen, grad_real = ctx.saved_tensors
     g_gen = _scale(grad_gen, grad_loss, dtype=ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
     g_real = _scale(grad_real, grad_loss, dtype=ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
     # the weight is a constant (no gradient)
-    return first_order_only((g_gen, g_real, None), "ratio_classifier_loss (impl='ext')")
+    return first_order_only((g_gen, g_real, None), "ratio_classifier_loss (impl='ext')", ctx)
 
 
 def _denoising_fake(F, x_t, x0, sigma, sigma_data):

@@ -7,6 +7,8 @@ autograd Functions (kernels/triton_losses.py).
 - No second derivative (`first_order_only`): the backward returns a gradient written by the forward, a constant
   to autograd, so a gradient of it (create_graph=True, then backward through the result) would silently miss
   every term that depends on the inputs. Differentiating it raises instead.
+- What every setup_context does first (`prepare_context`): no zero gradient materialised for an output that gets
+  none (the gradient outputs), and under a torch.func transform the inputs kept for first_order_only.
 """
 from __future__ import annotations
 
@@ -38,9 +40,16 @@ def scale_in_fp32(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dt
     return (grad.to(acc) * go).to(dtype)
 
 
+def transforms_active() -> bool:
+    """Whether a torch.func transform is running (never in code torch.compile traces: it sees no transforms)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def differentiating_transforms() -> int:
     """How many torch.func transforms that differentiate (grad, vjp, jvp and those built on them) are running. Inside
     one, a backward's result is that transform's answer; inside two, the outer one differentiates it again."""
+    if not transforms_active():  # the usual case: no interpreter stack to import and walk
+        return 0
     try:
         from torch._functorch.pyfunctorch import GradInterpreter, JvpInterpreter, retrieve_all_functorch_interpreters
     except ImportError:  # a torch without functorch's Python interpreters: no transform can be running
@@ -48,24 +57,59 @@ def differentiating_transforms() -> int:
     return sum(isinstance(i, (GradInterpreter, JvpInterpreter)) for i in retrieve_all_functorch_interpreters())
 
 
-def first_order_only(grads: tuple, what: str) -> tuple:
-    """`grads` as returned by a fused backward; when the backward runs with create_graph=True, each gradient
-    tensor is routed through a node that raises if anything is differentiated through it. Without create_graph
-    (grad mode off in the backward) and in code torch.compile traces (it refuses double backward itself), the
-    gradients pass untouched."""
+def prepare_context(ctx, inputs) -> None:
+    """What every fused setup_context does first.
+
+    - set_materialize_grads(False): the gradient the forward wrote is a second, non-differentiable output, and
+      autograd would otherwise hand the backward a zero tensor of its size (an allocation and a memset as large as
+      the trained input, every step). The backward then gets None for an output that received no gradient.
+    - Under a torch.func transform, the inputs are kept (references, no copy): first_order_only ties its error node
+      to them, the only tensors of the transform's level that a differentiation of the gradient reaches.
+    """
+    ctx.set_materialize_grads(False)
+    ctx.inputs_under_transform = tuple(inputs) if transforms_active() else None
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """The identity on a gradient, with the input it is the gradient of as a second argument: the node then lies on
+    the path autograd walks back to that input, so differentiating the gradient w.r.t. it raises `message`
+    (setup_context style, so it also works inside a torch.func transform, where requires_grad_ is refused)."""
+
+    @staticmethod
+    def forward(grad, of_input, message):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[2]
+
+    @staticmethod
+    def backward(ctx, _grad_of_grad):
+        raise RuntimeError(ctx.message)
+
+
+def _second_derivative_message(what: str) -> str:
+    return (f"fastonestep.losses.{what} has no second derivative: its backward returns the gradient the forward "
+            "wrote, so a gradient of that gradient (create_graph=True, then backward through it) would miss every "
+            "term that depends on the inputs. Use impl='torch' to differentiate twice.")
+
+
+def first_order_only(grads: tuple, what: str, ctx=None) -> tuple:
+    """`grads` as returned by a fused backward (one per input); when the backward runs with create_graph=True,
+    each gradient tensor is routed through a node that raises if anything is differentiated through it. Without
+    create_graph (grad mode off in the backward) and in code torch.compile traces (it refuses double backward
+    itself), the gradients pass untouched. `ctx`: the backward's, given to prepare_context by its setup_context."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
     at = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
     if not at:
         return grads
-    message = (f"fastonestep.losses.{what} has no second derivative: its backward returns the gradient the forward "
-               "wrote, so a gradient of that gradient (create_graph=True, then backward through it) would miss "
-               "every term that depends on the inputs. Use impl='torch' to differentiate twice.")
+    message = _second_derivative_message(what)
     levels = differentiating_transforms()
     if levels > 1:  # torch.func.grad of torch.func.grad: the outer level differentiates this gradient
         raise RuntimeError(message)
-    if levels == 1:  # one torch.func.grad / vjp: this gradient is its result (requires_grad_ is refused inside)
-        return grads
+    if levels == 1:
+        return _tied_to_inputs(grads, at, getattr(ctx, "inputs_under_transform", None), message)
     # The gradients become leaves that require grad, so that the error node is recorded after them (as
     # torch.autograd.function.once_differentiable does, which only does it when grad_output requires grad:
     # a create_graph=True backward from a loss gets a grad_output of ones that does not).
@@ -75,6 +119,22 @@ def first_order_only(grads: tuple, what: str) -> tuple:
     out = list(grads)
     for i, g in zip(at, wrapped):
         out[i] = g
+    return tuple(out)
+
+
+def _tied_to_inputs(grads: tuple, at: list, inputs, message: str) -> tuple:
+    """Inside one torch.func.grad / vjp. The backward runs there both as the transform's own (its gradient is the
+    answer, nothing differentiates it) and as a create_graph=True torch.autograd.grad inside the transformed
+    function (the transform then differentiates the gradient, which autograd sees as a constant: the answer would
+    silently be 0). Each gradient goes through _NoSecondDerivative with its input, which is harmless in the first
+    case and raises in the second. Without the inputs (a graph recorded outside the transform) nothing at this
+    level can reach them, and the gradients pass untouched."""
+    if inputs is None:
+        return grads
+    out = list(grads)
+    for i in at:
+        if isinstance(inputs[i], torch.Tensor):
+            out[i] = _NoSecondDerivative.apply(grads[i], inputs[i], message)
     return tuple(out)
 
 

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import triton_common as tc
-from .fused_backward import first_order_only, needs_grad, refuse_vmap, saved_grad_dtype
+from .fused_backward import first_order_only, needs_grad, prepare_context, refuse_vmap, saved_grad_dtype
 from .reference import DIVERGENCES
 
 _DIV_CODE = {name: i for i, name in enumerate(DIVERGENCES)}  # rkl 0, dijs 1, fkl 2, hellinger 3
@@ -142,6 +142,7 @@ class DenoisingLoss(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        prepare_context(ctx, inputs)
         F, x_t, x0, sigma, sigma_data, _ = inputs
         grad = output[1]
         ctx.sigma_data = float(sigma_data)
@@ -152,7 +153,8 @@ class DenoisingLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_of_grad):
-        if not ctx.saved_tensors:  # only constants (sigma) required grad: they get none
+        # only constants (sigma) required grad, or the loss got no gradient: nothing to return
+        if grad_output is None or not ctx.saved_tensors:
             return None, None, None, None, None, None
         grad, s = ctx.saved_tensors
         shape, f_dtype, xt_dtype, x0_dtype = ctx.shapes
@@ -170,7 +172,7 @@ class DenoisingLoss(torch.autograd.Function):
                 g_xt = (g32 * (c_skip / c_out).view(per_row)).to(xt_dtype)
             if ctx.needs_input_grad[2]:
                 g_x0 = (g32 * (-1.0 / c_out).view(per_row)).to(x0_dtype)
-        return first_order_only((g_f, g_xt, g_x0, None, None, None), "denoising_loss (impl='triton')")
+        return first_order_only((g_f, g_xt, g_x0, None, None, None), "denoising_loss (impl='triton')", ctx)
 
     vmap = refuse_vmap("denoising_loss (impl='triton')")
 
@@ -304,6 +306,7 @@ def ratio_generator_forward(x, logit_grad, logits, weight=None, divergence="rkl"
 
 
 def _surrogate_setup(ctx, inputs, output, what):
+    prepare_context(ctx, inputs)
     x, grad = inputs[0], output[1]
     ctx.n_other, ctx.x_dtype, ctx.what = len(inputs) - 1, x.dtype, what
     if grad is not None:
@@ -317,11 +320,11 @@ class _SurrogateLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_of_grad):
-        if not ctx.saved_tensors:  # only constants required grad: they get none
+        if grad_output is None or not ctx.saved_tensors:  # no gradient reached the loss, or only constants ask
             return (None,) * (1 + ctx.n_other)
         (grad,) = ctx.saved_tensors
         g = tc.scale_grad(grad, grad_output, ctx.x_dtype)
-        return first_order_only((g,) + (None,) * ctx.n_other, ctx.what)
+        return first_order_only((g,) + (None,) * ctx.n_other, ctx.what, ctx)
 
 
 class DMDLoss(_SurrogateLoss):
@@ -437,6 +440,7 @@ class RatioClassifierLoss(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        prepare_context(ctx, inputs)
         ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
         _, dg, dr = output
         if dg is not None:
@@ -445,7 +449,7 @@ class RatioClassifierLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_gen_of_grad, _grad_real_of_grad):
-        if not ctx.saved_tensors:  # only the weight (a constant) required grad: it gets none
+        if grad_output is None or not ctx.saved_tensors:  # no gradient reached the loss, or only the weight asks
             return None, None, None, None
         dg, dr = ctx.saved_tensors
         if not tc.is_one(grad_output):
@@ -453,7 +457,7 @@ class RatioClassifierLoss(torch.autograd.Function):
             dg, dr = dg.float() * grad_output.float(), dr.float() * grad_output.float()
         grads = (dg.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
                  dr.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None, None, None)
-        return first_order_only(grads, "ratio_classifier_loss (impl='triton')")
+        return first_order_only(grads, "ratio_classifier_loss (impl='triton')", ctx)
 
     vmap = refuse_vmap("ratio_classifier_loss (impl='triton')")
 

@@ -142,33 +142,44 @@ def _row_sums(t: torch.Tensor) -> torch.Tensor:
 
 
 def _per_sample_grad(values: torch.Tensor, g_xt: torch.Tensor, like):
-    """d loss / d (alpha or sigma) = sum_j values_ij * g_ij per sample, in fp32, shaped and typed like the argument
-    (`like` = (shape, dtype)); an argument that held one value for the whole batch gets the batch's sum."""
-    shape, dtype = like
+    """d loss / d (alpha or sigma) = sum_j values_ij * g_ij per sample, in fp32, shaped, typed and placed like the
+    argument (`like`, from _grad_like); an argument that held one value for the whole batch gets the batch's sum."""
+    shape, dtype, device = like
     per = _row_sums(values.float() * g_xt.float())
-    return (per.sum() if math.prod(shape) == 1 else per).reshape(shape).to(dtype)
+    return (per.sum() if math.prod(shape) == 1 else per).reshape(shape).to(device=device, dtype=dtype)
 
 
 def _grad_like(v):
-    """(shape, dtype) of a per-sample argument that is a tensor, for its gradient; None for a number."""
-    return (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None
+    """(shape, dtype, device) of a per-sample or per-channel argument that is a tensor, for its gradient; None for a
+    number. The device too: a CPU alpha next to a CUDA x0 is moved for the kernel, and autograd refuses a (B,)
+    gradient on another device than its input."""
+    return (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else None
+
+
+def _kernel_vectors(x0, alpha, sigma, scale, bias):
+    """The fp32 vectors the kernel reads, built once per call (a number takes a fill, an expand and a copy): alpha and
+    sigma per sample (B,), the latent scale and bias per channel (None when not given). Detached: the gradients go
+    to the arguments themselves, which _AddNoise takes next to these."""
+    B = x0.shape[0]
+    return (tc.per_sample_vector(alpha, B, x0.device, "alpha"), tc.per_sample_vector(sigma, B, x0.device, "sigma"),
+            _channel_vector(scale, x0, "latent_scale"), _channel_vector(bias, x0, "latent_bias"))
 
 
 class _AddNoise(torch.autograd.Function):
     """x_t, or (x_t, clean sample) when return_x0. setup_context style, so torch.func.grad / vjp can run it. The
     backward regenerates what the forward did not store: eps from the seed (for sigma's gradient), z from the seed
     (for std's), and the clean sample of the latent path in fp32 (for alpha's; before scale and bias, for
-    scale's), exactly as the forward computed them."""
+    scale's), exactly as the forward computed them.
+
+    alpha, sigma, scale and bias come twice: as given (inputs 2, 3, 7, 8: what autograd differentiates, and the
+    shapes of their gradients) and as the vectors the kernel reads (inputs 10 to 13, from _kernel_vectors: built
+    once by the caller, used by the forward and saved for the backward)."""
 
     @staticmethod
-    def forward(x0, noise, alpha, sigma, seed, std, z, scale, bias, return_x0):
-        B = x0.shape[0]
+    def forward(x0, noise, alpha, sigma, seed, std, z, scale, bias, return_x0, a, s, scale_v, bias_v):
         x0c = x0.contiguous()
-        a = tc.per_sample_vector(alpha, B, x0.device, "alpha")
-        s = tc.per_sample_vector(sigma, B, x0.device, "sigma")
         noise_c = _same_shape(x0, "noise", noise)
         std_c, z_c = _same_shape(x0, "latent_std", std), _same_shape(x0, "latent_noise", z)
-        scale_v, bias_v = _channel_vector(scale, x0, "latent_scale"), _channel_vector(bias, x0, "latent_bias")
         x_t = torch.empty_like(x0c)
         x0_out = torch.empty_like(x0c) if return_x0 else None
         _launch(x0c, out_xt=x_t, out_x0=x0_out, noise=noise_c, alpha=a, sigma=s, std=std_c, z=z_c, scale=scale_v,
@@ -179,8 +190,8 @@ class _AddNoise(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x0, noise, alpha, sigma, seed, std, z, scale, bias, _ = inputs
-        B = x0.shape[0]
+        ctx.set_materialize_grads(False)  # an unused output (x_t or the clean sample) gets None, not zeros
+        x0, noise, alpha, sigma, seed, std, z, scale, bias, _, a, s, scale_v, bias_v = inputs
         ctx.seed = seed
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (x0, noise, std, z))
         ctx.alpha_like, ctx.sigma_like = _grad_like(alpha), _grad_like(sigma)
@@ -192,13 +203,13 @@ class _AddNoise(torch.autograd.Function):
         for_sample = needs[2] or needs[7]
         for_sigma = needs[3] and noise is not None
         ctx.save_for_backward(
-            tc.per_sample_vector(alpha, B, x0.device, "alpha"), tc.per_sample_vector(sigma, B, x0.device, "sigma"),
-            _channel_vector(scale, x0, "latent_scale"), _channel_vector(bias, x0, "latent_bias"),
-            x0 if for_sample else None, std if (for_sample or needs[6]) else None,
+            a, s, scale_v, bias_v, x0 if for_sample else None, std if (for_sample or needs[6]) else None,
             z if (for_sample or needs[5]) else None, noise if for_sigma else None)
 
     @staticmethod
     def backward(ctx, g_xt, g_x0=None):
+        if g_xt is None and g_x0 is None:  # no gradient reached either output
+            return (None,) * 14
         a, s, scale_v, bias_v, x0, std, z, noise = ctx.saved_tensors
         needs = ctx.needs_input_grad
         shape = g_xt.shape if g_xt is not None else g_x0.shape
@@ -206,7 +217,7 @@ class _AddNoise(torch.autograd.Function):
         grad_noise = grad_alpha = grad_sigma = None
         latent = _LatentGrads()
         if needs[0] or any(needs[5:9]):
-            latent = _latent_grads(ctx, _clean_sample_grad(g_xt, g_x0, a.view(view), shape), x0, std, z, scale_v)
+            latent = _latent_grads(ctx, _clean_sample_grad(g_xt, g_x0, a.view(view)), x0, std, z, scale_v)
         if needs[1] and g_xt is not None:
             grad_noise = (g_xt.float() * s.view(view)).to(ctx.dtypes[1])
         if needs[2] and g_xt is not None:
@@ -216,7 +227,7 @@ class _AddNoise(torch.autograd.Function):
             eps = noise if ctx.has_noise else regenerate_noise(shape, ctx.seed, device=g_xt.device)
             grad_sigma = _per_sample_grad(eps, g_xt, ctx.sigma_like)
         return (latent.mean, grad_noise, grad_alpha, grad_sigma, None, latent.std, latent.z, latent.scale,
-                latent.bias, None)
+                latent.bias, None, None, None, None, None)
 
     vmap = refuse_vmap("add_noise (impl='triton')")
 
@@ -232,13 +243,12 @@ class _LatentGrads:
     bias: torch.Tensor | None = None
 
 
-def _clean_sample_grad(g_xt, g_x0, a_view, shape) -> torch.Tensor:
-    """fp32 gradient reaching the clean sample: alpha_i * g through x_t, plus g of the returned clean sample."""
-    g = torch.zeros(shape, dtype=torch.float32, device=a_view.device)
-    if g_xt is not None:
-        g = g + g_xt.float() * a_view
+def _clean_sample_grad(g_xt, g_x0, a_view) -> torch.Tensor:
+    """fp32 gradient reaching the clean sample: alpha_i * g through x_t, plus g of the returned clean sample (one of
+    the two may be None, not both)."""
+    g = None if g_xt is None else g_xt.float() * a_view
     if g_x0 is not None:
-        g = g + g_x0.float()
+        g = g_x0.float() if g is None else g + g_x0.float()
     return g
 
 
@@ -272,11 +282,10 @@ def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def _channel_grad(terms: torch.Tensor, like) -> torch.Tensor:
     """d loss / d (latent scale or bias) from its per-element fp32 terms: summed over all but the channel dimension
-    (over everything for a scalar), shaped and typed like the argument (`like` = (shape, dtype))."""
-    shape, dtype = like
-    if math.prod(shape) == 1:
-        return terms.sum().reshape(shape).to(dtype)
-    return terms.sum(dim=[d for d in range(terms.ndim) if d != 1]).reshape(shape).to(dtype)
+    (over everything for a scalar), shaped, typed and placed like the argument (`like`, from _grad_like)."""
+    shape, dtype, device = like
+    total = terms.sum() if math.prod(shape) == 1 else terms.sum(dim=[d for d in range(terms.ndim) if d != 1])
+    return total.reshape(shape).to(device=device, dtype=dtype)
 
 
 def _clean_sample_fp32(x0, std, z, scale_v, bias_v, seed):
@@ -304,9 +313,9 @@ def add_noise(x0, alpha, sigma, noise=None, seed=None, *, latent_std=None, laten
     if latent_noise is not None and latent_std is None:
         raise ValueError("latent_noise needs latent_std (the latent sampling path)")
     seed = _seed(seed) if (noise is None or (latent_std is not None and latent_noise is None)) else 0
-    out = _AddNoise.apply(x0, noise, alpha, sigma, seed, latent_std, latent_noise, latent_scale, latent_bias,
-                          bool(return_x0))
-    return out
+    vectors = _kernel_vectors(x0, alpha, sigma, latent_scale, latent_bias)
+    return _AddNoise.apply(x0, noise, alpha, sigma, seed, latent_std, latent_noise, latent_scale, latent_bias,
+                           bool(return_x0), *vectors)
 
 
 def sample_latents(mean, std=None, seed=None, z=None, scale=None, bias=None):

@@ -2,9 +2,12 @@
 through the interpreter on CPU), against formulas written out here in float64: the latent-sampling RNG streams,
 per-sample argument shapes, the first-order-only backward of the fused paths, fp16 under loss scaling, constants
 that require grad, and the argument checks every implementation shares."""
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as Fn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastonestep import losses
 from fastonestep.kernels import reference as ref
@@ -94,6 +97,37 @@ def close(got, want, rtol=1e-5):
 
 def leaf(t):
     return t.detach().clone().requires_grad_(True)
+
+
+class AtenOps(TorchDispatchMode):
+    """Counts the aten ops run inside it by name ("aten.zeros", "aten.full", ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def zero_fills(self):
+        return {name: n for name, n in self.count.items() if "zero" in name}
+
+
+class NoGradient(torch.autograd.Function):
+    """The identity, whose backward gives its input no gradient (None)."""
+
+    @staticmethod
+    def forward(t):
+        return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, _grad):
+        return None
 
 
 # ------------------------------------------------------------------------------------- add_noise latent path
@@ -299,6 +333,26 @@ def test_constants_that_require_grad_get_no_gradient(impl):
     losses.ratio_classifier_loss(gen, -lo, wl, impl=impl).backward()
     assert wl.grad is None
     close(gen.grad, classifier_exact(lo, -lo, w)[1])
+
+
+def test_a_fused_backward_allocates_no_zero_gradient_for_the_gradient_it_wrote(fused):
+    """The forward returns the gradient it wrote as a second, non-differentiable output, which never gets a
+    gradient. Autograd used to materialise a zero tensor of its size for the backward (an fp32 allocation and a
+    memset as large as the trained input, every step); no zeros are made now."""
+    for name, loss_of, x, _ in loss_calls(3, fused):
+        loss = loss_of(leaf(x)).sum()
+        with AtenOps() as ops:
+            loss.backward()
+        assert not ops.zero_fills(), (name, ops.zero_fills())
+
+
+def test_a_loss_that_gets_no_gradient_gives_its_inputs_none(impl):
+    """A backward called with None for the loss (a later node gave it no gradient; autograd no longer turns that
+    into zeros) returns None for every input instead of failing: the trained input gets only its other terms."""
+    for name, loss_of, x, _ in loss_calls(3, impl):
+        xl = leaf(x)
+        (g,) = torch.autograd.grad(NoGradient.apply(loss_of(xl)).sum() + xl.sum(), xl)
+        close(g, torch.ones_like(x))
 
 
 # ------------------------------------------------------------------------------------- fp16 under loss scaling
@@ -536,6 +590,84 @@ def test_triton_add_noise_keeps_a_full_size_input_only_for_a_gradient_that_reads
     assert full_size_saved(scale=scale) == 3
 
 
+def test_triton_add_noise_builds_its_kernel_vectors_once(monkeypatch):
+    """alpha and sigma become (B,) fp32 vectors and the latent scale and bias per-channel ones, once per call: a number
+    takes one fill (and alpha and sigma one copy of the expanded fill). The autograd Function's forward and its
+    setup_context used to build each twice, under no_grad too, where every training step calls add_noise."""
+    from fastonestep.kernels import triton_noise
+
+    monkeypatch.setattr(triton_noise, "_launch", lambda *args, **kwargs: None)  # count the wrapper, not the kernel
+    B, shape = 4, (4, 3, 2)
+    x0, sigma, noise, std = torch.randn(shape), torch.rand(B), torch.randn(shape), torch.rand(shape)
+
+    def ops_of(x0, alpha, sigma, **kwargs):
+        with AtenOps() as ops:
+            triton_noise.add_noise(x0, alpha, sigma, **kwargs)
+        return ops.count
+
+    with torch.no_grad():
+        ops = ops_of(x0, 1.0, sigma, noise=noise)  # one number: alpha
+        assert (ops["aten.full"], ops["aten.clone"]) == (1, 1), ops
+        ops = ops_of(x0, 1.0, 0.5, seed=3, latent_std=std, latent_scale=0.5, latent_bias=0.1)  # four numbers
+        assert (ops["aten.full"], ops["aten.clone"]) == (4, 2), ops
+        ops = ops_of(x0, torch.rand(B), sigma, noise=noise)  # none: the (B,) tensors are used as they are
+        assert (ops["aten.full"], ops["aten.clone"]) == (0, 0), ops
+    ops = ops_of(leaf(x0), 1.0, sigma, noise=noise)  # recording the graph builds nothing again
+    assert (ops["aten.full"], ops["aten.clone"]) == (1, 1), ops
+
+
+@pytest.mark.parametrize("used", ["x_t", "clean"])
+def test_triton_add_noise_backward_makes_no_zeros_for_an_unused_output(used):
+    """return_x0=True and only one of (x_t, clean sample) in the loss: the other output gets no gradient, and the
+    backward used to receive a zero tensor for it (and start the clean sample's gradient from another); the gradient
+    is unchanged, now without any zero fill."""
+    _available("triton")
+    shape = (3, 2, 4)
+    mean, std, w = torch.randn(shape), torch.rand(shape) + 0.5, torch.randn(shape)
+    scale = torch.rand(2) + 0.5
+    alpha = 0.8
+
+    def loss(m):
+        x_t, clean = losses.add_noise(m, alpha, 0.6, seed=1, latent_std=std, latent_scale=scale, return_x0=True,
+                                      impl="triton")
+        return ((x_t if used == "x_t" else clean) * w).sum()
+
+    m = leaf(mean)
+    out = loss(m)
+    with AtenOps() as ops:
+        out.backward()
+    assert not ops.zero_fills(), ops.zero_fills()
+    want = w * scale.view(1, -1, 1) * (alpha if used == "x_t" else 1.0)  # d/dmean = (alpha) * scale_c * w
+    close(m.grad, want)
+
+
+def test_triton_add_noise_gradients_follow_their_arguments_device():
+    """alpha, sigma, the latent scale and bias may live on another device than x0 (a CPU 0-d or (B,) alpha next to
+    a CUDA x0: the kernel reads a copy on x0's). Their gradients are returned on the argument's own device, which
+    autograd requires of a (B,) gradient. The helpers, with the meta device standing for the other one."""
+    from fastonestep.kernels import triton_noise
+
+    meta = torch.empty(4, device="meta", dtype=torch.float64)
+    values, g = torch.randn(4, 3), torch.randn(4, 3)
+    grad = triton_noise._per_sample_grad(values, g, triton_noise._grad_like(meta))
+    assert (grad.device.type, grad.dtype, grad.shape) == ("meta", torch.float64, (4,))
+    meta_scale = torch.empty(1, 3, 1, device="meta")
+    grad = triton_noise._channel_grad(torch.randn(4, 3, 2), triton_noise._grad_like(meta_scale))
+    assert (grad.device.type, grad.shape) == ("meta", (1, 3, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA x0 next to CPU per-sample arguments")
+def test_triton_add_noise_gives_cpu_alpha_and_sigma_their_gradients_with_a_cuda_x0():
+    _available("triton")
+    B = 4
+    x0 = torch.randn(B, 3, 8, device="cuda")
+    alpha, sigma = leaf(torch.rand(B) + 0.5), leaf(torch.rand(()) + 0.5)
+    x_t = losses.add_noise(x0, alpha, sigma, seed=2, impl="triton")
+    x_t.sum().backward()
+    assert alpha.grad.device.type == "cpu" and sigma.grad.device.type == "cpu"
+    close(alpha.grad, x0.sum(dim=(1, 2)).cpu(), rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------- torch.func
 
 
@@ -616,3 +748,27 @@ def test_torch_func_refuses_a_second_derivative_and_vmap_of_the_fused_losses(fus
             torch.func.grad(lambda t: torch.func.grad(scalar)(t).square().sum())(x)
         with pytest.raises(NotImplementedError, match=rf"{name} \(impl='{fused}'\) does not support torch.func.vmap"):
             torch.func.vmap(scalar)(x[None].expand(2, *x.shape))
+
+
+def test_torch_func_grad_of_a_create_graph_gradient_taken_inside_it(impl):
+    """torch.func.grad of a function that takes a create_graph=True torch.autograd.grad of the loss itself (a
+    gradient penalty written eagerly inside the transform): the fused paths used to return zeros silently, since the
+    backward's gradient is a constant to the transform; they raise now. torch gives what eager autograd gives (0 for
+    the surrogate losses, whose gradient does not depend on x). Likewise eager autograd through torch.func.grad's
+    result (it used to raise that the result does not require grad)."""
+    for name, loss_of, x, _ in loss_calls(3, impl):
+        def penalty(t, f=loss_of):
+            (g,) = torch.autograd.grad(f(t).sum(), t, create_graph=True)
+            return g.square().sum()
+
+        if impl in FUSED:
+            with pytest.raises(RuntimeError, match=rf"{name} \(impl='{impl}'\) has no second derivative"):
+                torch.func.grad(penalty)(x)
+            xl = leaf(x)
+            with pytest.raises(RuntimeError, match=rf"{name} \(impl='{impl}'\) has no second derivative"):
+                torch.func.grad(lambda t, f=loss_of: f(t).sum())(xl).square().sum().backward()
+            continue
+        xl = leaf(x)
+        eager = penalty(xl)
+        want = torch.autograd.grad(eager, xl)[0] if eager.requires_grad else torch.zeros_like(x)
+        close(torch.func.grad(penalty)(x), want)
