@@ -9,7 +9,9 @@ to <run>/roundtrip-rank<r>.json. A job with "signal_at": k has rank 0 (only) sen
 k; every rank must then stop after that same step with a checkpoint (TrainingStopped, recorded in
 <run>/stopped-rank<r>.json), and the job is run again, resuming, to its end. Every other job records in
 <run>/ema-rank<r>.json whether the EMA is sharded and how many of its elements this rank holds (and the same of
-each post-hoc power EMA).
+each post-hoc power EMA). A job with "dropout_masks" records, for every step it trains, which elements the first
+dropout layer zeroed in its first forward of that step, in <run>/dropout-rank<r>.pt ({step: bool tensor}; the
+steps of a resumed attempt overwrite those of the attempt before).
 """
 import contextlib
 import json
@@ -104,6 +106,35 @@ def signal_rank0_during(step_number: int, rank: int):
     return edit
 
 
+def record_dropout_masks(masks: dict):
+    """An edit for methods_seen: masks[step number] = the zero pattern of the first nn.Dropout's output in its
+    first forward of that training step."""
+    def edit(method):
+        step, current = method.step, {}
+
+        def stepping(next_batch, index, nimg):
+            current["step"] = index + 1
+            return step(next_batch, index, nimg)
+
+        def hook(module, inputs, output):
+            if module.training and "step" in current and current["step"] not in masks:
+                masks[current["step"]] = (output == 0).detach().cpu()
+
+        method.step = stepping
+        dropouts = (m for t in method.backend.trainables.values() for m in t.network.modules()
+                    if isinstance(m, torch.nn.Dropout))
+        next(dropouts).register_forward_hook(hook)
+    return edit
+
+
+def both(*edits):
+    def edit(method):
+        for e in edits:
+            if e is not None:
+                e(method)
+    return edit
+
+
 def skip_shm_op_build():
     """DeepSpeed's CPU comm backend JIT-builds a shared-memory all-reduce op (30 s to minutes on a loaded
     2-core machine) on first use; gloo does the same collectives, so the tests mark the op unavailable."""
@@ -121,21 +152,24 @@ def main():
     rank = int(os.environ["RANK"])
     for job in spec["jobs"]:
         cfg = load_config(job.get("preset", spec["preset"]), job.get("base", spec["base"]) + job["overrides"])
+        masks = {}
+        recording = record_dropout_masks(masks) if job.get("dropout_masks") else None
         if job.get("signal_at"):
             result = {"stopped": False}
             try:
-                with methods_seen(signal_rank0_during(job["signal_at"], rank)):
+                with methods_seen(both(signal_rank0_during(job["signal_at"], rank), recording)):
                     train(cfg, job["run"], **QUIET)
             except TrainingStopped as e:
                 result = {"stopped": True, "step": e.step, "signal": e.signal_name,
                           "checkpoints": [step for step, _ in list_checkpoints(job["run"])]}
             with open(os.path.join(job["run"], f"stopped-rank{rank}.json"), "w", encoding="utf-8") as f:
                 json.dump(result, f)
-            train(cfg, job["run"], **QUIET)  # the same command again: resumes
+            with methods_seen(both(recording)):
+                train(cfg, job["run"], **QUIET)  # the same command again: resumes
         else:
             # train() keeps its method private: capture it as train() builds it
             captured = {}
-            with methods_seen(lambda method: captured.update(method=method)):
+            with methods_seen(both(lambda method: captured.update(method=method), recording)):
                 train(cfg, job["run"], **QUIET)
             ema = captured["method"].ema
             with open(os.path.join(job["run"], f"ema-rank{rank}.json"), "w", encoding="utf-8") as f:
@@ -145,6 +179,8 @@ def main():
                 result = roundtrip(cfg, job["run"], captured["method"])
                 with open(os.path.join(job["run"], f"roundtrip-rank{rank}.json"), "w", encoding="utf-8") as f:
                     json.dump(result, f)
+        if recording is not None:
+            torch.save(masks, os.path.join(job["run"], f"dropout-rank{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ teacher (when the teacher's model file exists, its own metadata is used instead)
 
 Memory per GPU is a formula, printed with the numbers. Bytes per parameter of a trainable network:
   stage 0 (single / ddp; bf16 only inside autocast):  weights 4, gradients 4, Adam moments 8
-  stages 1-3 (deepspeed):  bf16: weights 2, gradients 2, optimizer 12 (fp32 master + Adam m, v)
+  stages 1-3 (deepspeed):  bf16: weights 2, optimizer 12 (fp32 master + Adam m, v), gradients accumulated in
+                                 fp32 (engine/distributed.py accumulate_in_fp32): at stage 1 the bf16 gradients
+                                 and DeepSpeed's whole fp32 accumulation buffer, 2 + 4; at stages 2-3 fp32, 4
                            fp32: weights 4, gradients 4, optimizer 8
   ZeRO stage 1 shards the optimizer state over the N GPUs, stage 2 also the gradients, stage 3 also the
   weights:  per GPU = W + G + O (stage 0), W + G + O/N (1), W + (G + O)/N (2), (W + G + O)/N (3).
@@ -48,7 +50,16 @@ def _fmt(n: float) -> str:
 
 # bytes per parameter: (weights, gradients, optimizer state) of a trainable network
 STAGE0_BYTES = (4, 4, 8)
-DEEPSPEED_BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
+DEEPSPEED_BYTES = {"bf16": (2, 4, 12), "fp32": (4, 4, 8)}
+BF16_ZERO1_GRAD_BYTES = 2 + 4  # BF16_Optimizer: bf16 gradients plus a whole fp32 accumulation buffer
+
+
+def deepspeed_bytes(precision: str, stage: int) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer) bytes per parameter of a DeepSpeed engine at ZeRO `stage` (1-3)."""
+    w, g, o = DEEPSPEED_BYTES[precision]
+    if precision == "bf16" and stage == 1:
+        g = BF16_ZERO1_GRAD_BYTES
+    return w, g, o
 EMA_BYTES = 4
 FROZEN_BYTES = 4
 
@@ -169,7 +180,7 @@ def state_bytes(plan: NetworkPlan, precision: str, gpus: int, stage: int) -> dic
     if plan.role == "frozen":
         w = FROZEN_BYTES * n
         return {"weights": w, "grads": 0, "optimizer": 0, "ema": 0, "total": w}
-    wb, gb, ob = STAGE0_BYTES if stage == 0 else DEEPSPEED_BYTES[precision]
+    wb, gb, ob = STAGE0_BYTES if stage == 0 else deepspeed_bytes(precision, stage)
     w, g, o = wb * n, gb * n, ob * n
     if stage >= 1:
         o /= gpus
@@ -310,10 +321,12 @@ def dry_run(cfg: Config, gpus: int = 1, stages=(0, 1, 2, 3), activations: bool =
     for stage in stages:
         memory[stage] = {p.name: state_bytes(p, precision, gpus, stage) for p in plans}
     wb, gb, ob = DEEPSPEED_BYTES[precision]
+    gb1 = deepspeed_bytes(precision, 1)[1]
     auto = " (auto, planned as bf16 on GPUs)" if cfg.distributed.precision == "auto" else ""
     out(f"# memory per GPU: {gpus} GPU(s), distributed.precision={precision}{auto}")
     out("#   bytes/param of a trained network: stage 0 (single/ddp, autocast) W=4 G=4 O=8; "
-        f"stages 1-3 (deepspeed, {precision}) W={wb} G={gb} O={ob}; EMA 4 (each, post-hoc EMAs too; sharded under "
+        f"stages 1-3 (deepspeed, {precision}) W={wb} G={gb}{f' ({gb1} at stage 1)' if gb1 != gb else ''} O={ob}; "
+        "EMA 4 (each, post-hoc EMAs too; sharded under "
         "ZeRO); frozen 4")
     out("#   per GPU: stage 0 W+G+O+EMA | stage 1 W+G+(O+EMA)/N | stage 2 W+(G+O+EMA)/N | stage 3 (W+G+O+EMA)/N")
     header = "  " + f"{'network':<12}" + "".join(f"{f'ZeRO {s}':>12}" for s in stages)

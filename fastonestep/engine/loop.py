@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 
 from fastonestep.config import Config, ConfigError, save_config, to_dict, flatten
@@ -92,9 +93,8 @@ def seed_everything(seed: int) -> None:
 
 
 def default_rng_state(device: torch.device) -> dict:
-    """torch's default generators, which draw what the methods' own generators do not (dropout masks): the CPU
-    one, and on a GPU the device's (dropout on CUDA draws from it). The ranks' generators advance alike, so rank
-    0's state stands for every rank."""
+    """This rank's torch default generators, which draw what the methods' own generators do not (dropout masks):
+    the CPU one, and on a GPU the device's (dropout on CUDA draws from it)."""
     state = {"torch_rng": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
@@ -105,6 +105,55 @@ def load_default_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch_rng"])
     if device.type == "cuda" and "cuda_rng" in state:  # absent: written on another device type
         torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def _mixed_seed(*words: int) -> int:
+    """A 64-bit torch seed hashed from the words (numpy's SeedSequence): neighbouring (seed, rank) pairs give
+    unrelated streams, unlike seed + rank, which would hand rank 1 of seed 0 the stream of rank 0 of seed 1."""
+    return int(np.random.SeedSequence([w % 2**64 for w in words]).generate_state(1, np.uint64)[0])
+
+
+def seed_rank_default_rng(seed: int, rank: int) -> None:
+    """After the networks are built (their initial weights, hence the EMAs copied from them, must be alike on
+    every rank): each rank > 0 gets its own default-generator stream (CPU and CUDA), seeded by (seed, rank), so
+    the ranks' samples get independent dropout masks. Rank 0 keeps the stream seed_everything started: a
+    single-process run draws exactly as before."""
+    if rank > 0:
+        torch.manual_seed(_mixed_seed(seed, rank))
+
+
+def gathered_default_rng_states(backend, device: torch.device) -> list[dict] | None:
+    """Collective: every rank's default_rng_state, indexed by rank, on rank 0 (None on the other ranks)."""
+    own = default_rng_state(device)
+    if backend.world_size == 1:
+        return [own]
+    states = [None] * backend.world_size if backend.is_main else None
+    dist.gather_object(own, states, dst=0)
+    if backend.is_main:
+        states[0] = own  # the very tensors, not a copy: the checkpoint's top-level entries share their storage
+    return states
+
+
+def default_rng_checkpoint(states: list[dict]) -> dict:
+    """The checkpoint's entries for the ranks' default generators: "rank_rng" indexed by rank, and rank 0's at
+    the top level as checkpoints have always held it (read by older versions, and by a resume on another
+    process count)."""
+    return {**states[0], "rank_rng": states}
+
+
+def restore_default_rng(state: dict, device: torch.device, rank: int, world_size: int, seed: int) -> bool:
+    """Each rank resumes its own default-generator stream from the checkpoint `state`. Written on another number
+    of processes (DDP resumes on any), rank 0 restores its own and the other ranks start fresh streams seeded
+    by (seed, resumed step, rank): the run goes on with independent masks per rank, but is not the run an
+    uninterrupted one would have been. Checkpoints of versions before "rank_rng" count as written by one
+    process. Returns whether every rank could restore its own."""
+    saved = state.get("rank_rng") or [{k: state[k] for k in ("torch_rng", "cuda_rng") if k in state}]
+    same_layout = len(saved) == world_size
+    if same_layout or rank == 0:
+        load_default_rng_state(saved[rank], device)
+    else:
+        torch.manual_seed(_mixed_seed(seed, state["step"], rank))
+    return same_layout
 
 
 def build(cfg: Config, backend=None):
@@ -182,6 +231,7 @@ def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
         with open(metrics_path, encoding="utf-8") as f:
             return json.load(f)
     dataset, method = build(cfg, backend)
+    seed_rank_default_rng(cfg.seed, backend.rank)
 
     loader = make_loader(cfg, dataset, method.device, backend.rank, backend.world_size)
     try:
@@ -192,7 +242,9 @@ def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
             except ValueError as exc:
                 raise ValueError(f"cannot resume from '{ckpt_path}': {exc}") from exc
             loader.load_state_dict(state["loader"])
-            load_default_rng_state(state, method.device)
+            if not restore_default_rng(state, method.device, backend.rank, backend.world_size, cfg.seed):
+                log(f"note: the checkpoint was written by another number of processes; ranks other than 0 draw "
+                    f"fresh dropout streams seeded by (seed, step {start}, rank)")
             log(f"resuming from {ckpt_path} (step {start})")
         continues = _continues_logged_interval(state, cfg)
         if main:  # also on a fresh start: lines of an attempt that never checkpointed
@@ -218,11 +270,12 @@ def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
             def save_checkpoint(done: int, pending: dict | None = None) -> None:
                 if pending is None:
                     pending = stats.pending_state()  # collective: every rank, before the engines' shards
+                rng_states = gathered_default_rng_states(backend, method.device)  # collective, likewise
                 # collective: the checkpoint holds the whole EMAs (written by rank 0)
                 with method.ema.gathered(), method.posthoc.gathered():
                     backend.save_checkpoint(run_dir, done, lambda: {
                         "step": done, "method": method.state_dict(), "loader": loader.state_dict(),
-                        **default_rng_state(method.device), "stats": pending,
+                        **default_rng_checkpoint(rng_states), "stats": pending,
                         "config": flatten(to_dict(cfg))})  # checked on resume should config.yaml be deleted
                 stats.exclude(0.0)  # its time counts as training, its memory peak (the assembled EMA) does not
 

@@ -6,6 +6,9 @@ the elements [r * size, (r + 1) * size) of the flattened parameter, the last sha
 parameter right after each optimizer step, in full precision, whatever the module holds (bf16 copies, or under
 ZeRO-3 nothing between forwards). The sharded EMA (engine/ema.py) follows these slices without communication.
 
+ZeRO 1/2 here means either optimizer DeepSpeed links that way (`_hp_mapping`): DeepSpeedZeroOptimizer, or the
+BF16_Optimizer it picks for bf16 ZeRO-1 with fp32 gradient accumulation (our default, engine/distributed.py).
+
 The slices are views into the optimizer's flat fp32 buffers, which its steps update in place, so a caller may keep
 them (until a checkpoint is loaded). Under ZeRO-3 they are taken from the optimizer's own bookkeeping
 (`grad_position`, `fp32_partitioned_groups_flat`, DeepSpeed 0.19) rather than through `safe_get_local_fp32_param`,
