@@ -264,7 +264,7 @@ def test_a_damaged_or_partial_deepspeed_checkpoint_is_named(tmp_path):
         raise RuntimeError("PytorchStreamReader failed reading zip archive")
 
     trainable = DeepSpeedTrainable.__new__(DeepSpeedTrainable)  # no engine needed to reach the checks
-    trainable.name, trainable.backend = "generator", SimpleNamespace(run_dir=str(tmp_path))
+    trainable.name, trainable.backend = "generator", SimpleNamespace(run_dir=str(tmp_path), world_size=1)
     trainable.engine = SimpleNamespace(load_checkpoint=failing_load)
     with pytest.raises(CheckpointError, match=f"DeepSpeed checkpoint '{re.escape(str(tag))}' cannot be loaded: PytorchStream"):
         trainable.load_state_dict(ref)
