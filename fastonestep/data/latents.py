@@ -211,7 +211,7 @@ def encode_folder(image_folder: str, vae_path: str, out_dir: str, resolution: in
             if changed:
                 why = f"; {old['num_images']} images then, {len(images)} now" if "num_images" in changed else ""
                 why += "; the image files changed" if "files_sha256" in changed and not why else ""
-                raise DataError(f"{out_dir!r} holds latents of a different encode ({', '.join(changed)} differ"
+                raise DataError(f"{out_dir!r} holds latents of a different encode ({', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}"
                                 f"{why}); use another --out, or the same inputs to resume")
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_json(progress_path, meta)

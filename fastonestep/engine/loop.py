@@ -337,6 +337,8 @@ def _train(cfg: Config, run_dir: str, backend, progress: bool, log) -> dict:
                     for name, (module, info) in method.export_extra().items():  # e.g. DiffRatio's ratio net (verifier)
                         export_model(os.path.join(run_dir, f"{name}.safetensors"), module, info)
             if main:
+                log(f"final evaluation: {cfg.eval.num_samples} samples per sampler (eval.num_samples); "
+                    f"metrics to {metrics_path}")  # (it can take long, and says nothing until a sampler is done)
                 metrics = evaluate(method, dataset, cfg, run_dir, progress=log)
                 metrics["parameters"] = method.parameter_counts
                 metrics["train_seconds_this_session"] = train_seconds
