@@ -12,7 +12,7 @@ from fastonestep.engine.export import export_model, load_model, network_spec
 from fastonestep.networks import EDM2EncoderRatioNet, EDM2UNet, RatioPrecond, build_denoiser, build_ratio
 from fastonestep.networks.build import count_parameters, set_dropout
 from fastonestep.networks.edm2 import (EDM2_PUBLISHED_PARAMS, EDM2_SIZES, MPConv, MPFourier, mp_cat, mp_silu,
-                                       mp_sum)
+                                       mp_sum, normalized_layers, restore_normalized_layers)
 
 # Two levels, attention at 4x4, classes: every kind of block, cheap enough for many forwards.
 TINY = dict(img_channels=4, resolution=8, channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,))
@@ -96,6 +96,33 @@ def test_forced_weight_normalisation_survives_optimizer_steps():
     conv.train()
     (conv(x).sum() + conv(x).square().sum()).backward()
     assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+
+
+def test_a_checkpointed_rescaled_weight_is_not_rescaled_again_after_loading():
+    """The rescale is not idempotent bit for bit, so whether a stored weight is already rescaled is training state:
+    normalized_layers records it with the weights, restore_normalized_layers puts it back after a load (which moves
+    the version counters), and the next training forward then does what it would have done without the round trip."""
+    make = lambda: torch.nn.Sequential(MPConv(8, 16, (3, 3)), MPConv(16, 4, (1, 1))).train()  # noqa: E731
+    x = torch.randn(2, 8, 4, 4)
+    a = make()
+    a[1](a[0](x))  # rescales both
+    with torch.no_grad():
+        a[1].weight.add_(0.1)  # an update: layer 1 rescales at its next forward
+    assert normalized_layers(a) == ["0"]
+    saved, names = {k: v.clone() for k, v in a.state_dict().items()}, normalized_layers(a)
+
+    resumed, forgetful = make(), make()
+    for net in (resumed, forgetful):
+        net.load_state_dict(saved)
+    restore_normalized_layers(resumed, names)
+    assert normalized_layers(resumed) == ["0"] and normalized_layers(forgetful) == []
+    for net in (a, resumed, forgetful):
+        net[1](net[0](x))
+    for k, v in a.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    assert not torch.equal(forgetful[0].weight, a[0].weight)  # rescaled twice: off in the last bits
+    with pytest.raises(ValueError, match="does not have"):
+        restore_normalized_layers(resumed, ["2"])
 
 
 def test_shapes_and_encoder_output():

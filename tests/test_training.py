@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CONFIGS, TOY_STUDENT, TOY_TEACHER
+from conftest import CONFIGS, MNIST_TINY, TOY_STUDENT, TOY_TEACHER
 from fastonestep.config import ConfigError, load_config
 from fastonestep.engine import loader as loader_mod
 from fastonestep.engine.checkpoint import load_checkpoint
@@ -51,6 +51,44 @@ def test_resume_equals_uninterrupted(tmp_path, toy_teacher, method):
     drop = ("images_per_sec", "sec_per_kimg", "peak_memory_mb", "time")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
     assert strip(stats_rows(tmp_path / "full")) == strip(stats_rows(tmp_path / "split"))
+
+
+# A tiny EDM2 teacher (MNIST, 8 channels, 3 EDM steps at a high lr: its gains have moved off 0).
+EDM2_TINY = MNIST_TINY + ["network.kind=edm2"]
+
+
+@pytest.fixture(scope="module")
+def edm2_teacher(tmp_path_factory, cache_dir):  # cache_dir: the session's MNIST feature classifier
+    run = tmp_path_factory.mktemp("edm2-teacher")
+    train(load_config(str(CONFIGS / "mnist" / "teacher.yaml"), EDM2_TINY + ["train.steps=3", "optim.lr=0.01"]),
+          str(run), **QUIET)
+    return run
+
+
+@pytest.mark.parametrize("method", ["diffratio", "dmd2"])
+def test_resume_from_an_edm2_teacher_equals_uninterrupted(tmp_path, edm2_teacher, method):
+    """The ratio network (DiffRatio) and the fake score (DMD) are run again, frozen, after their update in the same
+    step, which rescales their EDM2 weights (forced weight normalisation): the checkpoint holds rescaled weights.
+    The rescale is not idempotent bit for bit, so a resume that rescaled them again drifted from the uninterrupted
+    run in the last bits at the first step after it (the checkpoint now records which layers are rescaled)."""
+    preset = str(CONFIGS / "mnist" / f"{method}.yaml")
+    extra = {"diffratio": ["diffratio.ratio_optim.lr=0.01"], "dmd2": ["dmd.fake_steps=1", "dmd.fake_optim.lr=0.01"]}
+    make = lambda *e: load_config(preset, EDM2_TINY + [  # noqa: E731
+        f"teacher={edm2_teacher}", "optim.lr=0.01", "train.log_every=1", "train.checkpoint_every=2",
+        *extra[method], *e])
+    train(make("train.steps=4"), str(tmp_path / "full"), **QUIET)
+    train(make("train.steps=2"), str(tmp_path / "split"), **QUIET)
+    critic = "ratio" if method == "diffratio" else "critic"
+    state = load_checkpoint(str(tmp_path / "split" / "checkpoint-00000002.pt"))["method"]
+    assert state["normalized_layers"][critic], "the frozen use after the update should have rescaled the critic"
+    train(make("train.steps=4"), str(tmp_path / "split"), **QUIET)  # resumes at step 2
+    assert_same_weights(tmp_path / "full", tmp_path / "split")
+    drop = ("images_per_sec", "sec_per_kimg", "peak_memory_mb", "time")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
+    assert strip(stats_rows(tmp_path / "full")) == strip(stats_rows(tmp_path / "split"))
+    if method == "diffratio":
+        ra, rb = (load_file(str(tmp_path / run / "ratio.safetensors")) for run in ("full", "split"))
+        assert all(torch.equal(ra[k], rb[k]) for k in ra)
 
 
 def test_more_steps_after_a_run_that_ended_inside_a_log_interval_log_that_interval_whole(tmp_path):

@@ -15,6 +15,9 @@ again, and each rescale's row divisors are applied to this rank's other copies o
 fp32 master weights and, under ZeRO-3, its shard. The layer computes the divisors from the whole weight it sees
 in its forward (gathered under ZeRO-3, the same on every rank), so no communication is needed. What the EMA,
 checkpoints and exports read is the same as on one process: the weights right after the step, rescaled later.
+A checkpoint also records which layers already hold their rescaled weight (a network run frozen after its update):
+after the load marks every layer stale, Method.load_state_dict marks those rescaled again (networks/edm2.py,
+restore_normalized_layers), as on one process, so a resume does not rescale them a second time.
 """
 from __future__ import annotations
 

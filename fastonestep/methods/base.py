@@ -13,6 +13,7 @@ from fastonestep.diffusion.schedules import sample_lognormal_sigma
 from fastonestep.engine.distributed import Backend
 from fastonestep.engine.ema import EMA
 from fastonestep.engine.posthoc_ema import PowerEMAs
+from fastonestep.networks.edm2 import normalized_layers, restore_normalized_layers
 
 
 def sample_sigma(n: int, p_mean: float, p_std: float, lo: float, hi: float, rng: torch.Generator, device):
@@ -69,9 +70,13 @@ class Method:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        """Every trained network's Trainable state (weights, optimiser) under its name, the EMAs and the RNG."""
+        """Every trained network's Trainable state (weights, optimiser) under its name, the EMAs and the RNG, and
+        which EDM2 layers of the trained networks hold an already rescaled weight ("normalized_layers": a network
+        run again after its update, e.g. frozen in another network's step, has rescaled it; networks/edm2.py)."""
         posthoc = {"posthoc_ema": self.posthoc.state_dict()} if self.posthoc else {}
-        return {**{name: t.state_dict() for name, t in self.backend.trainables.items()},
+        trainables = self.backend.trainables
+        return {**{name: t.state_dict() for name, t in trainables.items()},
+                "normalized_layers": {name: normalized_layers(t.network) for name, t in trainables.items()},
                 "ema": self.ema.state_dict(), **posthoc, **self.rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -79,8 +84,11 @@ class Method:
         if missing:
             raise ValueError(f"the checkpoint has no state for {', '.join(missing)} (it holds: {', '.join(state)}); "
                              f"it was written by another method or an older fastonestep than this {self.name!r} run")
+        # Absent in checkpoints of earlier versions: every EDM2 layer then rescales at its next training forward.
+        normalized = state.get("normalized_layers", {})
         for name, t in self.backend.trainables.items():
-            t.load_state_dict(state[name])
+            t.load_state_dict(state[name])  # moves the version counters (DeepSpeed: marks every layer stale)
+            restore_normalized_layers(t.network, normalized.get(name, []))
         self.ema.load_state_dict(state["ema"])
         if self.posthoc:
             self.posthoc.load_state_dict(state.get("posthoc_ema", {}))

@@ -87,6 +87,13 @@ class MPConv(nn.Module):
     An owner that updates the weight without the version counter seeing it, or that keeps other copies of
     it (DeepSpeed: engine/zero_weight_norm.py), sets `stale` after each update and `on_normalize`, which gets
     each rescale's row divisors (rms + eps, one per output row) to apply to its copies.
+
+    Whether the stored weight is already rescaled (`normalized`) is part of the training state: the rescale
+    is not idempotent bit for bit (normalize(normalize(w)) != normalize(w) in its last bits), so a layer
+    whose rescaled weight was checkpointed (one run again after its update, e.g. a ratio network or a fake
+    score used frozen in the generator step) must not rescale it again after the resume. Loading a state
+    dict moves the version counter, so the owner records `normalized_layers` with the weights and calls
+    `restore_normalized_layers` after loading them (methods/base.py).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel=()):
@@ -100,6 +107,17 @@ class MPConv(nn.Module):
     @property
     def fan_in(self) -> int:
         return self.weight[0].numel()
+
+    @property
+    def normalized(self) -> bool:
+        """True while the stored weight is this layer's last rescale, untouched since: the next training
+        forward will not rescale it."""
+        return not self.stale and self.weight._version == self._normalized_at_version
+
+    def mark_normalized(self) -> None:
+        """Declares the stored weight rescaled as it is (restored from a checkpoint that held it so)."""
+        self._normalized_at_version = self.weight._version
+        self.stale = False
 
     def force_normalize_(self) -> None:
         if self.weight._version == self._normalized_at_version and not self.stale:
@@ -121,6 +139,26 @@ class MPConv(nn.Module):
         if w.ndim == 2:
             return F.linear(x, w)
         return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+def normalized_layers(network: nn.Module) -> list[str]:
+    """Names (in `network.named_modules()`) of the MP layers whose stored weight is already rescaled, which
+    their next training forward leaves as it is; saved with the weights (see MPConv)."""
+    return [name for name, m in network.named_modules() if isinstance(m, MPConv) and m.normalized]
+
+
+def restore_normalized_layers(network: nn.Module, names) -> None:
+    """After the weights of `network` were loaded from a checkpoint: the layers `normalized_layers` listed at
+    save time are marked rescaled again (the load moved their version counters), so their next training forward
+    does what it would have done in the uninterrupted run: nothing. The other MP layers rescale at their next
+    training forward, as after any update."""
+    layers = {name: m for name, m in network.named_modules() if isinstance(m, MPConv)}
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        raise ValueError(f"the checkpoint lists normalised weights of layers this network does not have as MP "
+                         f"layers ({', '.join(unknown[:3])})")
+    for name in names:
+        layers[name].mark_normalized()
 
 
 class MPFourier(nn.Module):
