@@ -174,6 +174,7 @@ def _cmd_eval(args) -> int:
     overrides = [f"eval.num_samples={args.num}"] if args.num is not None else []
     overrides += [f"eval.inception={args.inception}"] if args.inception else []
     overrides += [f"eval.fid_ref={args.fid_ref}"] if args.fid_ref else []
+    overrides += [f"eval.vae={args.vae}"] if args.vae else []
     overrides += [f"eval.features={args.features}"] if args.features else []
     overrides += [f"eval.prdc_k={args.k}"] if args.k is not None else []
     cfg = load_config(cfg_path, overrides)
@@ -188,10 +189,12 @@ def _cmd_eval(args) -> int:
 
     def save_first_stats(name, samples):  # --save-stats: the run's model (the first sampler)
         if args.save_stats and not first:
+            from fastonestep.engine.evaluate import sample_features
             from fastonestep.eval.folder_eval import save_sample_stats
 
             first.append(name)
-            save_sample_stats(samples, args.save_stats, cfg.eval.features, cfg.eval.inception)
+            save_sample_stats(samples, args.save_stats, extractor=sample_features(dataset, cfg.eval, cfg.data,
+                                                                                  method.device))
 
     metrics = evaluate(method, dataset, cfg, args.run, on_samples=save_first_stats)
     metrics["parameters"] = method.parameter_counts
@@ -217,6 +220,8 @@ def _eval_image_folder(args) -> int:
         raise ValueError("--fid-ref applies to a run directory; for an image folder use --ref")
     if args.model:
         raise ValueError("--model applies to a run directory (a model file of that run), not to an image folder")
+    if args.vae:
+        raise ValueError("--vae applies to a run directory of latent data, not to an image folder (already images)")
     _check_counts(args)
     images = load_folder_images(args.run, args.resolution)
     if args.num:
@@ -356,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num", type=int, help="number of samples (default: the run's eval.num_samples)")
     e.add_argument("--inception", help="local FID Inception weights file: adds the standard FID")
     e.add_argument("--fid-ref", help="reference statistics .npz (mu, sigma) for FID (default: training images)")
+    e.add_argument("--vae", help="run directory of latent data: the local diffusers AutoencoderKL folder the data "
+                                 "were encoded with; samples are decoded by it for image features (FID)")
     e.set_defaults(fn=_cmd_eval)
 
     m = sub.add_parser("ema", help="post-hoc EMA: build the EMA of any width from a run's power-EMA snapshots "

@@ -210,6 +210,9 @@ class EvalConfig:
     grid: int = 8  # samples.png is grid x grid
     inception: str = ""  # a local FID Inception weights file (pt_inception-2015-12-05 format): adds "fid"
     fid_ref: str = ""  # FID reference statistics .npz (mu, sigma); empty: the training images
+    # latent data: the local diffusers AutoencoderKL folder the data were encoded with; generated latents are
+    # decoded by it for the image features (inception FID). Empty: latents get latent-space metrics only.
+    vae: str = ""
     features: str = "auto"  # FD / PRDC / diversity features: auto | mnist | inception | raw (fastonestep.eval.features)
     prdc_k: int = 5  # k of the k-NN balls of precision / recall / density / coverage
 
@@ -496,6 +499,9 @@ def validate(cfg: Config) -> Config:
     for key, path in (("eval.inception", cfg.eval.inception), ("eval.fid_ref", cfg.eval.fid_ref)):
         if path and not os.path.isfile(path):  # checked now, not after hours of training
             raise ConfigError(f"config key '{key}': file '{path}' does not exist")
+    if cfg.eval.vae and not os.path.isdir(cfg.eval.vae):
+        raise ConfigError(f"config key 'eval.vae': '{cfg.eval.vae}' is not a folder (a diffusers AutoencoderKL "
+                          "saved with save_pretrained)")
     if not 0.0 <= cfg.student_dropout < 1.0:
         raise ConfigError(f"config key 'student_dropout' must be in [0, 1); got {cfg.student_dropout!r}")
     if cfg.diffratio.sigma_min >= cfg.diffratio.sigma_max:

@@ -142,7 +142,8 @@ def case_config(case: Case, teacher: str = ""):
     overrides = [f"teacher={teacher or 'synthetic'}", f"train.batch_size={case.batch_per_gpu * case.world_size}",
                  "train.batch_per_gpu=0", f"distributed.backend={kind}", f"distributed.precision={case.precision}",
                  f"train.kernels={case.kernels}", f"train.device={case.device}",
-                 f"train.activation_checkpointing={str(case.activation_checkpointing).lower()}"]
+                 f"train.activation_checkpointing={str(case.activation_checkpointing).lower()}",
+                 "eval.features=auto"]  # a benchmark never evaluates: the presets' FID settings are not needed
     if stage:
         overrides.append(f"distributed.zero_stage={stage}")
     if case.size == "xs":

@@ -3,7 +3,12 @@
 Toys: energy distance, MMD, mode coverage / high-quality fraction and log-likelihood under the true density.
 MNIST: "MNIST FD" (Frechet distance in the features of the project's own small MNIST classifier; not FID)
 and class coverage. Any image data: the standard Inception FID when eval.inception names a local weights
-file (against eval.fid_ref statistics, or the training images).
+file (against eval.fid_ref statistics, or the training images). Latent data: the same, on the latents decoded
+by eval.vae (fastonestep.eval.latent_eval).
+
+When no metric applies (e.g. latents without eval.vae and eval.inception, large images without
+eval.inception), the final evaluation generates only the eval.grid^2 samples of samples.png, not
+eval.num_samples, and logs why: 50k samples that nothing measures would only cost time.
 """
 from __future__ import annotations
 
@@ -39,24 +44,48 @@ def generate(sampler, n: int, shape, num_classes: int, device, batch_size: int, 
     return torch.cat(chunks)
 
 
-def sample_metrics(samples: torch.Tensor, dataset, eval_cfg=None) -> dict:
+def latent_eval(dataset, eval_cfg, data_cfg):
+    """The LatentEval of latent data (scale and bias of data_cfg, eval.vae), None for other data."""
+    if not getattr(dataset, "is_latent", False):
+        return None
+    if data_cfg is None:
+        raise ValueError("evaluating latent data needs the data config (data.latent_scale, data.latent_bias): "
+                         "pass data_cfg")
+    from fastonestep.eval.latent_eval import LatentEval
+
+    return LatentEval.from_configs(data_cfg, eval_cfg)
+
+
+def sample_features(dataset, eval_cfg, data_cfg=None, device=None):
+    """The extractor of eval.features for this data's samples (latents decoded by eval.vae where needed)."""
+    from fastonestep.eval.features import make_sample_features
+
+    return make_sample_features(getattr(eval_cfg, "features", "auto"), dataset.shape,
+                                getattr(eval_cfg, "inception", ""), device, latent_eval(dataset, eval_cfg, data_cfg))
+
+
+def sample_metrics(samples: torch.Tensor, dataset, eval_cfg=None, data_cfg=None, device=None) -> dict:
     """Toys: toy_metrics against reference points drawn with EVAL_SEED. MNIST: mnist_fd and class coverage.
     Inception FID when eval.inception is set. Plus, in the feature space eval.features picks
     (fastonestep.eval.features): the FD under that space's key (mnist_fd | fid | raw_fd), precision, recall,
-    density, coverage (k = eval.prdc_k) and diversity, with ref_diversity of real data for scale."""
-    from fastonestep.eval.features import dataset_feature_metrics, make_features
+    density, coverage (k = eval.prdc_k) and diversity, with ref_diversity of real data for scale.
+    Latent data need data_cfg (their scale and bias); device: where Inception and the VAE run."""
+    from fastonestep.eval.features import dataset_feature_metrics, make_sample_features
 
     inception = getattr(eval_cfg, "inception", "")
     fid_ref = getattr(eval_cfg, "fid_ref", "")
+    latent = latent_eval(dataset, eval_cfg, data_cfg)
+    in_memory = getattr(dataset, "data", None) is not None
     metrics = {}
     if dataset.distribution is not None:
         from fastonestep.eval.toy_metrics import toy_metrics
 
         metrics.update(toy_metrics(samples, dataset.distribution, generator=torch.Generator().manual_seed(EVAL_SEED)))
-    extractor = make_features(getattr(eval_cfg, "features", "auto"), dataset.shape, inception)
-    if extractor is not None and getattr(dataset, "data", None) is not None:
+    extractor = sample_features(dataset, eval_cfg, data_cfg, device)
+    if extractor is not None and in_memory:
         metrics.update(dataset_feature_metrics(samples, dataset, extractor, getattr(eval_cfg, "prdc_k", 5),
-                                               fid_ref if extractor.name == "inception" else "", seed=EVAL_SEED))
+                                               fid_ref if extractor.name == "inception" else "", seed=EVAL_SEED,
+                                               latent=latent))
     if dataset.name == "mnist":
         from fastonestep.eval.mnist_features import class_coverage, get_mnist_classifier, mnist_fd
 
@@ -66,20 +95,52 @@ def sample_metrics(samples: torch.Tensor, dataset, eval_cfg=None) -> dict:
             metrics["mnist_fd"] = float(mnist_fd(finite, dataset.data, model=model))
         if len(finite):
             metrics.update(class_coverage(model, finite))
-    if inception and "fid" not in metrics:  # FID besides another feature space: the cached model, on the GPU
+    if inception and "fid" not in metrics and (in_memory or fid_ref):  # FID besides another feature space
         from fastonestep.eval.features import dataset_fd
 
-        fid = dataset_fd(samples, dataset, make_features("inception", dataset.shape, inception), fid_ref)
+        fid_features = make_sample_features("inception", dataset.shape, inception, device, latent)
+        fid = dataset_fd(samples, dataset, fid_features, fid_ref, seed=EVAL_SEED, latent=latent)
         if fid is not None:
             metrics["fid"] = float(fid)
     return metrics
 
 
-def write_samples_png(samples: torch.Tensor, dataset, path: str, grid: int) -> None:
+def unmeasured_reason(dataset, eval_cfg, data_cfg=None) -> str:
+    """Why sample_metrics would measure nothing but the sample count for this data and config; "" when some
+    metric applies. Loads no model (check_eval_settings has vetted the settings)."""
+    from fastonestep.eval.features import resolve_kind
+
+    if dataset.distribution is not None or dataset.name == "mnist":
+        return ""
+    latent = latent_eval(dataset, eval_cfg, data_cfg)
+    kind, inception = getattr(eval_cfg, "features", "auto"), getattr(eval_cfg, "inception", "")
+    in_memory = getattr(dataset, "data", None) is not None
+    shape = dataset.shape if latent is None or not latent.vae or kind == "raw" else latent.image_shape(dataset.shape)
+    if in_memory and resolve_kind(kind, shape, inception) is not None:
+        return ""
+    if inception and (in_memory or getattr(eval_cfg, "fid_ref", "")) and (latent is None or latent.vae):
+        return ""
+    if latent is not None:
+        return (f"no metric applies to latent samples of shape {tuple(dataset.shape)}: FID needs eval.vae (the "
+                "AutoencoderKL the data were encoded with), eval.inception (FID Inception weights) and, for "
+                "streamed data, eval.fid_ref (reference statistics)")
+    return (f"no metric applies to samples of shape {tuple(dataset.shape)}: set eval.inception (FID; with "
+            "eval.fid_ref for streamed data) or eval.features=raw")
+
+
+def write_samples_png(samples: torch.Tensor, dataset, path: str, grid: int, latent=None, device=None) -> None:
+    """A scatter plot of points, or a grid of images: latents are decoded first when latent.vae is set."""
     if samples.ndim == 2:
         save_scatter(samples[:4000], dataset.data[:4000], path)
-    else:
-        save_image_grid(samples[: grid * grid], path, nrow=grid)
+        return
+    shown = samples[: grid * grid]
+    if latent is not None and latent.vae:
+        from fastonestep.data.latents import decode_latents
+        from fastonestep.eval.latent_eval import _vae_model
+
+        vae = _vae_model(latent.vae, str(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        shown = decode_latents(vae, shown, latent.scale, latent.bias, latent.batch_size)
+    save_image_grid(shown, path, nrow=grid)
 
 
 def evaluate(method, dataset, cfg, run_dir: str, progress=print, on_samples=None) -> dict:
@@ -88,23 +149,28 @@ def evaluate(method, dataset, cfg, run_dir: str, progress=print, on_samples=None
     device = method.device
     metrics = {}
     known = method.known_metrics()
+    latent = latent_eval(dataset, cfg.eval, cfg.data)
+    skipped = unmeasured_reason(dataset, cfg.eval, cfg.data)
+    num = min(cfg.eval.num_samples, cfg.eval.grid ** 2) if skipped else cfg.eval.num_samples
+    if skipped:
+        progress(f"eval: {skipped}; generating {num} samples per sampler for the sample grids only, "
+                 f"not eval.num_samples={cfg.eval.num_samples}")
     for i, (name, sampler) in enumerate(method.samplers().items()):
         if name in known:
             metrics[name] = known[name]
             progress(f"eval {name}: taken from {known[name].get('measured_in', 'an earlier run')}")
             continue
         t0 = time.perf_counter()
-        samples = generate(sampler, cfg.eval.num_samples, dataset.shape, method.num_classes, device,
-                           cfg.eval.batch_size)
+        samples = generate(sampler, num, dataset.shape, method.num_classes, device, cfg.eval.batch_size)
         gen_time = time.perf_counter() - t0
         if on_samples is not None:
             on_samples(name, samples)
-        if i == 0:
-            write_samples_png(samples, dataset, os.path.join(run_dir, "samples.png"), cfg.eval.grid)
-        else:
-            write_samples_png(samples, dataset, os.path.join(run_dir, f"samples_{name}.png"), cfg.eval.grid)
-        metrics[name] = {**sample_metrics(samples, dataset, cfg.eval), "num_samples": cfg.eval.num_samples,
+        png = "samples.png" if i == 0 else f"samples_{name}.png"
+        write_samples_png(samples, dataset, os.path.join(run_dir, png), cfg.eval.grid, latent, device)
+        metrics[name] = {**sample_metrics(samples, dataset, cfg.eval, cfg.data, device), "num_samples": num,
                          "generation_seconds": gen_time}
+        if skipped:
+            metrics[name]["not_measured"] = skipped
         progress(f"eval {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics[name].items()
                                                 if isinstance(v, (int, float))))
     return metrics

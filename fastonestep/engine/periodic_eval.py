@@ -54,7 +54,7 @@ def periodic_eval(method, dataset, cfg, run_dir: str, step: int, nimg: int) -> t
     with torch.random.fork_rng(devices=devices):
         samples = generate(sampler, cfg.eval.num_samples, dataset.shape, method.num_classes, method.device,
                            cfg.eval.batch_size)
-        metrics = sample_metrics(samples, dataset, cfg.eval)
+        metrics = sample_metrics(samples, dataset, cfg.eval, cfg.data, method.device)
     row = {"step": step, "kimg": nimg / 1000, "sampler": name, "metrics": metrics,
            "seconds": time.perf_counter() - t0}
     append_eval_line(run_dir, row)

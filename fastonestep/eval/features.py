@@ -7,6 +7,10 @@
 - "raw": the samples themselves, flattened (2-D toys; key raw_fd).
 - "auto": raw for vector data, mnist for 1x32x32 images, inception for other images when a weights file is
   given, else none (no feature metrics: raw pixels of large images make a huge, meaningless covariance).
+
+Latent data (data.kind=latent, fastonestep.eval.latent_eval): samples are compared with the dataset's latents
+as training draws them (fixed z, data.latent_scale/_bias applied), never with the stored moments; the image
+spaces (inception, mnist, and auto's choice) see latents decoded by eval.vae, raw sees the latents themselves.
 """
 from __future__ import annotations
 
@@ -54,26 +58,83 @@ def resolve_kind(kind: str, data_shape, inception: str = "") -> str | None:
             return "raw"
         if shape == MNIST_SHAPE:
             return "mnist"
-        return "inception" if inception else None
+        return "inception" if inception and is_image_shape(shape) else None
     if kind == "mnist" and shape != MNIST_SHAPE:
         raise ValueError(f"eval.features=mnist needs 1x32x32 images (MNIST-like), the data has shape {shape}")
     if kind == "inception":
         if not inception:
             raise ValueError("eval.features=inception needs a local FID Inception weights file: set eval.inception "
                              "(or pass --inception)")
-        if len(shape) != 3 or shape[0] not in (1, 3):
-            raise ValueError(f"eval.features=inception needs images with 1 or 3 channels, the data has shape {shape}")
+        if not is_image_shape(shape):
+            raise ValueError(f"eval.features=inception needs images with 1 or 3 channels, the data has shape {shape}"
+                             + _LATENT_HINT)
     return kind
 
 
-def check_eval_settings(eval_cfg, data_shape) -> None:
-    """Raises now what evaluation would raise after training: a feature space that cannot work for this data,
-    reference statistics that cannot be read or have the wrong dimension."""
-    resolve_kind(eval_cfg.features, data_shape, eval_cfg.inception)
-    if eval_cfg.inception and eval_cfg.fid_ref:
-        from fastonestep.eval.inception import FEATURE_DIM
+_LATENT_HINT = ("; latents (data.kind=latent) are decoded to images for it by eval.vae (or `fastonestep eval "
+                "--vae`): the local diffusers AutoencoderKL folder the data were encoded with")
 
+
+def is_image_shape(shape) -> bool:
+    return len(shape) == 3 and int(shape[0]) in (1, 3)
+
+
+def check_eval_settings(eval_cfg, data_shape, dataset=None) -> None:
+    """Raises now what evaluation would raise after training: a feature space that cannot work for this data,
+    an eval.vae that cannot decode it, Inception weights or reference statistics that cannot be read or have
+    the wrong dimension; with `dataset`, also an FID without reference (streamed data and no eval.fid_ref)."""
+    shape = tuple(int(s) for s in data_shape)
+    vae = getattr(eval_cfg, "vae", "")
+    if eval_cfg.features == "inception":
+        _check_fid_keys(eval_cfg, shape, dataset)
+    image_shape = shape
+    if vae:
+        from .latent_eval import check_vae, decoded_shape
+
+        check_vae(vae, shape)
+        image_shape = decoded_shape(vae, shape)
+    resolve_kind(eval_cfg.features, shape if eval_cfg.features == "raw" else image_shape, eval_cfg.inception)
+    if eval_cfg.inception:
+        _check_inception_settings(eval_cfg, image_shape, dataset)
+
+
+def _streamed(dataset) -> bool:
+    return dataset is not None and getattr(dataset, "data", None) is None
+
+
+def _check_fid_keys(eval_cfg, shape, dataset) -> None:
+    """eval.features=inception asked for FID: one message naming every key it still lacks."""
+    missing = []
+    if not eval_cfg.inception:
+        missing.append("a local FID Inception weights file: set eval.inception (or pass --inception)")
+    if not is_image_shape(shape) and len(shape) == 3 and not getattr(eval_cfg, "vae", ""):
+        missing.append(f"for latents of shape {shape}, eval.vae: the local diffusers AutoencoderKL folder the data "
+                       "were encoded with (decodes samples to images)")
+    if (_streamed(dataset) or not is_image_shape(shape)) and not eval_cfg.fid_ref:
+        missing.append("eval.fid_ref: Inception statistics .npz (mu, sigma) of the real images (latent or "
+                       "streamed data cannot be the reference)")
+    if missing:
+        raise ValueError("eval.features=inception needs " + "; and ".join(missing)
+                         + " (or eval.features=auto to train without FID)")
+
+
+def _check_inception_settings(eval_cfg, image_shape, dataset) -> None:
+    """eval.inception gives an FID whatever eval.features is: the samples must be images (or decoded to them),
+    the weights loadable, and the reference statistics 2048-d (or the training data in memory)."""
+    from .inception import FEATURE_DIM, load_inception
+
+    if not is_image_shape(image_shape):
+        raise ValueError(f"eval.inception is set (FID), but the samples are not images: shape {image_shape}"
+                         + _LATENT_HINT)
+    load_inception(eval_cfg.inception)  # on the CPU and dropped: a file that is not the weights fails now
+    if eval_cfg.fid_ref:
         load_reference_stats(eval_cfg.fid_ref, FEATURE_DIM)
+    elif getattr(eval_cfg, "vae", "") or _streamed(dataset):
+        # decoded training latents are VAE reconstructions, not the images: an FID against them is no FID
+        raise ValueError("eval.inception is set (FID) but eval.fid_ref is empty, and the training data cannot be "
+                         "the reference (" + ("VAE latents" if getattr(eval_cfg, "vae", "") else "streamed, not in "
+                         "memory") + "): set eval.fid_ref, Inception statistics .npz of the real images, e.g. from "
+                         "`fastonestep eval IMAGE_FOLDER --inception W --save-stats ref.npz`")
 
 
 @functools.lru_cache(maxsize=4)
@@ -81,6 +142,20 @@ def _inception_model(path: str, device: str):
     from .inception import load_inception
 
     return load_inception(path, device=device)
+
+
+def make_sample_features(kind: str, data_shape, inception: str = "", device=None,
+                         latent=None) -> FeatureExtractor | None:
+    """make_features for the samples of a dataset: with `latent` (a LatentEval with a VAE), the image feature
+    spaces see the decoded latents; raw stays on the latents."""
+    if latent is None or not latent.vae or kind == "raw":
+        return make_features(kind, data_shape, inception, device)
+    extractor = make_features(kind, latent.image_shape(data_shape), inception, device)
+    return None if extractor is None else latent.decoding(extractor, device or _default_device())
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_features(kind: str, data_shape, inception: str = "", device=None) -> FeatureExtractor | None:
@@ -99,7 +174,7 @@ def make_features(kind: str, data_shape, inception: str = "", device=None) -> Fe
     from .inception import FEATURE_DIM as INCEPTION_DIM
     from .inception import inception_features
 
-    dev = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = str(device or _default_device())
     model = _inception_model(os.path.abspath(inception), dev)
     return FeatureExtractor("inception", lambda x: inception_features(model, x), INCEPTION_DIM,
                             key=("inception", os.path.abspath(inception)))
@@ -171,23 +246,36 @@ def _cached(owner, key, compute):
     return store[key]
 
 
+def reference_points(dataset, latent=None, seed: int = 0) -> tuple[torch.Tensor, tuple]:
+    """(what samples are compared with, a key for caching their features): dataset.data, or for latent data
+    the latents as training draws them (z from `seed`; `latent` a LatentEval with the run's scale and bias)."""
+    if not getattr(dataset, "is_latent", False):
+        return dataset.data, ()
+    if latent is None:
+        raise ValueError("latent data are compared as training sees them: pass latent= (a LatentEval with "
+                         "data.latent_scale / data.latent_bias), not the stored moments")
+    key = ("latents", latent.scale, latent.bias, seed)
+    return _cached(dataset, key, lambda: latent.reference(dataset.data, seed)), key
+
+
 def dataset_feature_metrics(samples: torch.Tensor, dataset, extractor: FeatureExtractor, k: int = 5,
-                            ref_stats_path: str = "", seed: int = 0) -> dict:
-    """Feature metrics of samples against a dataset's images/points: FD against all of dataset.data (or the
-    statistics file ref_stats_path), PRDC and ref_diversity against a fixed random subset of dataset.data as
-    large as the sample set (seed), diversity of the samples. Adds feature_space (the kind used)."""
-    data = dataset.data
+                            ref_stats_path: str = "", seed: int = 0, latent=None) -> dict:
+    """Feature metrics of samples against a dataset's images/points (reference_points): FD against all of
+    them (or the statistics file ref_stats_path), PRDC and ref_diversity against a fixed random subset of them
+    as large as the sample set (seed), diversity of the samples. Adds feature_space (the kind used)."""
+    data, data_key = reference_points(dataset, latent, seed)
     idx = reference_subset(len(data), len(samples), seed)
-    prdc_ref = _cached(dataset, (extractor.key, "subset", len(idx), seed), lambda: extractor(data[idx]))
+    prdc_ref = _cached(dataset, (extractor.key, data_key, "subset", len(idx), seed), lambda: extractor(data[idx]))
     if ref_stats_path:
         ref_feats, ref_stats = None, load_reference_stats(ref_stats_path, prdc_ref.shape[1])
     else:
-        ref_feats, ref_stats = _cached(dataset, (extractor.key, "all"), lambda: extractor(data)), None
+        ref_feats, ref_stats = _cached(dataset, (extractor.key, data_key, "all"), lambda: extractor(data)), None
     return {"feature_space": extractor.name,
             **compare_features(extractor(samples), extractor.fd_key, ref_feats, ref_stats, prdc_ref, k)}
 
 
-def dataset_fd(samples: torch.Tensor, dataset, extractor: FeatureExtractor, ref_stats_path: str = "") -> float | None:
+def dataset_fd(samples: torch.Tensor, dataset, extractor: FeatureExtractor, ref_stats_path: str = "",
+               seed: int = 0, latent=None) -> float | None:
     """Only the Frechet distance of dataset_feature_metrics, in the extractor's space (e.g. Inception FID next to
     metrics in another space): the same cached reference features (or the statistics file) and the same rule
     for non-finite samples (dropped). None when fewer than two samples are finite."""
@@ -198,5 +286,6 @@ def dataset_fd(samples: torch.Tensor, dataset, extractor: FeatureExtractor, ref_
     if ref_stats_path:
         ref_mu, ref_sigma = load_reference_stats(ref_stats_path, gen.shape[1])
     else:
-        ref_mu, ref_sigma = feature_stats(_cached(dataset, (extractor.key, "all"), lambda: extractor(dataset.data)))
+        data, data_key = reference_points(dataset, latent, seed)
+        ref_mu, ref_sigma = feature_stats(_cached(dataset, (extractor.key, data_key, "all"), lambda: extractor(data)))
     return frechet_distance(*feature_stats(gen), ref_mu, ref_sigma)

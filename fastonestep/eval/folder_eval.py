@@ -71,9 +71,11 @@ def evaluate_images(images: torch.Tensor, ref: str | None = None, features: str 
     return result
 
 
-def save_sample_stats(samples: torch.Tensor, path: str, features: str = "auto", inception: str = "") -> None:
-    """Feature statistics (mu, sigma) of samples, written as a .npz usable as --ref / eval.fid_ref."""
-    extractor = make_features(features, tuple(samples.shape[1:]), inception)
+def save_sample_stats(samples: torch.Tensor, path: str, features: str = "auto", inception: str = "",
+                      extractor=None) -> None:
+    """Feature statistics (mu, sigma) of samples, written as a .npz usable as --ref / eval.fid_ref; in the
+    given extractor's space (e.g. latents decoded by a VAE), else that of features / inception."""
+    extractor = extractor or make_features(features, tuple(samples.shape[1:]), inception)
     if extractor is None:
         raise ValueError(f"no default feature space for samples of shape {tuple(samples.shape[1:])}: "
                          "pass --features or --inception")

@@ -16,7 +16,7 @@ METHODS = {"edm": EDMPretrain, "diffratio": DiffRatio, "dmd": DMD, "dpdmd": DPDM
 
 def make_method(cfg, dataset, device, backend=None) -> Method:
     """`backend` (fastonestep.engine.distributed): None = the single-process backend."""
-    check_eval_settings(cfg.eval, dataset.shape)  # before training, not after it
+    check_eval_settings(cfg.eval, dataset.shape, dataset=dataset)  # before training, not after it
     method = _construct(cfg, dataset, device, backend)
     trained = method.backend.trainables
     if cfg.train.activation_checkpointing and not any(checkpointable_blocks(t.network) for t in trained.values()):
