@@ -67,3 +67,40 @@ def mnist_teacher(tmp_path_factory, cache_dir):
     train(load_config(str(CONFIGS / "mnist" / "teacher.yaml"), MNIST_TINY + ["train.steps=3"]), str(run),
           progress=False, log=lambda *_: None)
     return run
+
+
+def save_tiny_vae(path: str) -> str:
+    """A tiny random diffusers AutoencoderKL saved to `path`: 4 latent channels, one downsampling (8x8 images ->
+    4 x 4x4 latents). The latent tests' stand-in for a real VAE."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
+    vae.save_pretrained(path)
+    return path
+
+
+def stand_in_inception_features(x):
+    """3 numbers per image: mean, std and first element (numpy, float64)."""
+    flat = x.flatten(1).double()
+    return torch.stack([flat.mean(1), flat.std(1), flat[:, 0]], 1).numpy()
+
+
+def use_stand_in_inception(monkeypatch) -> list:
+    """Replaces the Inception feature map by 3 numbers per image (mean, std, first pixel); returns the list of the
+    image batches it was given, for tests to check what reached it."""
+    from fastonestep.eval import features
+
+    seen = []
+
+    def fake_inception(x):
+        seen.append(x)
+        return stand_in_inception_features(x)
+
+    real_make = features.make_features
+    monkeypatch.setattr(features, "make_features", lambda kind, shape, inception="", device=None: (
+        features.FeatureExtractor("inception", fake_inception, 3, key=("inception", "w.pth"))
+        if kind == "inception" else real_make(kind, shape, inception, device)))
+    return seen

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_tiny_vae, stand_in_inception_features, use_stand_in_inception
 from fastonestep.data.datasets import LatentTensorDataset
 from fastonestep.data.errors import DataError
 from fastonestep.engine.evaluate import EVAL_SEED, sample_metrics
-from fastonestep.eval import features
 from fastonestep.eval.features import check_eval_settings
 from fastonestep.eval.frechet import feature_stats, frechet_distance, save_stats
 
@@ -28,14 +28,7 @@ def _eval_cfg(**kw):
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    """The tiny random AutoencoderKL of tests/test_latents.py: 4 latent channels, one downsampling."""
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(str(path))
-    return str(path)
+    return save_tiny_vae(str(tmp_path_factory.mktemp("vae")))
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +76,7 @@ def test_fid_of_latents_decodes_them_with_eval_vae(vae_dir, monkeypatch, tmp_pat
     against eval.fid_ref; the Inception network is a stand-in feature map (3 numbers per image)."""
     from fastonestep.data.latents import decode_latents, load_vae
 
-    seen_shapes = []
-
-    def fake_inception(x):
-        seen_shapes.append(tuple(x.shape[1:]))
-        flat = x.flatten(1).double()
-        return torch.stack([flat.mean(1), flat.std(1), flat[:, 0]], 1).numpy()
-
-    real_make = features.make_features
-    monkeypatch.setattr(features, "make_features", lambda kind, shape, inception="", device=None: (
-        features.FeatureExtractor("inception", fake_inception, 3, key=("inception", "w.pth"))
-        if kind == "inception" else real_make(kind, shape, inception, device)))
+    seen = use_stand_in_inception(monkeypatch)
     ref = str(tmp_path / "ref.npz")
     ref_mu, ref_sigma = np.array([0.0, 0.5, 0.1]), np.diag([0.1, 0.2, 0.3])
     save_stats(ref, ref_mu, ref_sigma)
@@ -103,9 +86,9 @@ def test_fid_of_latents_decodes_them_with_eval_vae(vae_dir, monkeypatch, tmp_pat
     metrics = sample_metrics(samples, dataset, cfg, DATA, device="cpu")
 
     images = decode_latents(load_vae(vae_dir), samples, SCALE, BIAS)
-    want = frechet_distance(*feature_stats(fake_inception(images)), ref_mu, ref_sigma)
+    want = frechet_distance(*feature_stats(stand_in_inception_features(images)), ref_mu, ref_sigma)
     assert metrics["feature_space"] == "inception" and metrics["fid"] == pytest.approx(want, rel=1e-9)
-    assert set(seen_shapes) == {(3, 8, 8)}  # images, never latents
+    assert {tuple(x.shape[1:]) for x in seen} == {(3, 8, 8)}  # images, never latents
     assert {"precision", "recall", "coverage"} <= set(metrics)  # against decoded reference latents
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import save_tiny_vae
 from fastonestep.cli import main
 from fastonestep.config import load_config
 from fastonestep.data.latents import (EDM2_BIAS, EDM2_SCALE, LatentSampling, decode_latents, load_vae,
@@ -23,13 +24,7 @@ SCALE, BIAS = [0.5, 1.0, 2.0, 0.25], [0.1, -0.2, 0.0, 0.3]
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(str(path))
-    return str(path)
+    return save_tiny_vae(str(tmp_path_factory.mktemp("vae")))
 
 
 @pytest.fixture(scope="module")

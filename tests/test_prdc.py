@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import stand_in_inception_features, use_stand_in_inception
 from fastonestep.data import make_dataset, make_toy
 from fastonestep.engine.evaluate import sample_metrics
 from fastonestep.eval import compare_features, diversity, feature_stats, frechet_distance, make_features, prdc
@@ -172,19 +173,7 @@ def test_an_fid_beside_another_feature_space_uses_the_cached_gpu_path(monkeypatc
     import importlib
     from types import SimpleNamespace
 
-    from fastonestep.eval import features
-
-    seen = []
-
-    def fake_inception(x):  # a stand-in feature map: 3 numbers per image
-        seen.append(len(x))
-        flat = x.flatten(1).double()
-        return torch.stack([flat.mean(1), flat.std(1), flat[:, 0]], 1).numpy()
-
-    real_make = features.make_features
-    monkeypatch.setattr(features, "make_features", lambda kind, shape, inception="", device=None: (
-        features.FeatureExtractor("inception", fake_inception, 3, key=("inception", "w.pth"))
-        if kind == "inception" else real_make(kind, shape, inception, device)))
+    seen = use_stand_in_inception(monkeypatch)  # a stand-in feature map: 3 numbers per image
     dataset = make_dataset("mnist", size=64)
     samples = torch.rand(40, 1, 32, 32) * 2 - 1
     samples[3] = float("nan")
@@ -195,10 +184,12 @@ def test_an_fid_beside_another_feature_space_uses_the_cached_gpu_path(monkeypatc
     monkeypatch.setattr(mnist_module, "class_coverage", lambda *a, **k: {})
     first = sample_metrics(samples, dataset, cfg)
     again = sample_metrics(samples, dataset, cfg)
-    ref = fake_inception(dataset.data)
-    want = frechet_distance(*feature_stats(fake_inception(samples)[np.arange(40) != 3]), *feature_stats(ref))
+    calls = [len(x) for x in seen]
+    ref = stand_in_inception_features(dataset.data)
+    want = frechet_distance(*feature_stats(stand_in_inception_features(samples)[np.arange(40) != 3]),
+                            *feature_stats(ref))
     assert first["fid"] == again["fid"] == pytest.approx(want, rel=1e-12)
-    assert seen.count(len(dataset.data)) == 2  # the cached reference once for both calls, and `ref` above
+    assert calls.count(len(dataset.data)) == 1  # the reference computed once for both calls (cached)
 
 
 def test_mnist_metrics_leave_out_non_finite_samples(monkeypatch):
