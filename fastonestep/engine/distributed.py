@@ -427,6 +427,16 @@ class Backend:
             dist.reduce(tensor, dst=0)
         return tensor
 
+    def gather_object(self, obj) -> list | None:
+        """Every rank's `obj`, indexed by rank, on rank 0 (None on the other ranks); rank 0's is `obj` itself."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        if self.is_main:
+            gathered[0] = obj
+        return gathered
+
     def broadcast_object(self, obj):
         if self.world_size == 1:
             return obj

@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 
 from fastonestep.config import Config, ConfigError, save_config, to_dict, flatten
@@ -123,15 +122,9 @@ def seed_rank_default_rng(seed: int, rank: int) -> None:
 
 
 def gathered_default_rng_states(backend, device: torch.device) -> list[dict] | None:
-    """Collective: every rank's default_rng_state, indexed by rank, on rank 0 (None on the other ranks)."""
-    own = default_rng_state(device)
-    if backend.world_size == 1:
-        return [own]
-    states = [None] * backend.world_size if backend.is_main else None
-    dist.gather_object(own, states, dst=0)
-    if backend.is_main:
-        states[0] = own  # the very tensors, not a copy: the checkpoint's top-level entries share their storage
-    return states
+    """Collective: every rank's default_rng_state, indexed by rank, on rank 0 (None on the other ranks). Rank 0's
+    entry holds the very tensors, not a copy: the checkpoint's top-level entries share their storage."""
+    return backend.gather_object(default_rng_state(device))
 
 
 def default_rng_checkpoint(states: list[dict]) -> dict:
